@@ -1,0 +1,250 @@
+"""The FastAPI application: create, inspect, follow and cancel generations."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections.abc import AsyncIterator
+from typing import Annotated, Any
+
+from fastapi import FastAPI, Header, HTTPException, Query, Request, Response
+from fastapi.responses import JSONResponse
+from redis.exceptions import RedisError
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from broker.api.schemas import (
+    CancelAccepted,
+    CreateStream,
+    StreamCreated,
+    StreamStatus,
+)
+from broker.errors import (
+    GenerationNotFound,
+    InvalidResumePoint,
+    ProviderConfigError,
+    UnknownProvider,
+)
+from broker.keys import is_generation_id
+from broker.providers.base import GenerationRequest
+from broker.service import Broker
+from broker.settings import Settings
+from broker.sse import EventStreamResponse, parse_resume_id
+
+logger = logging.getLogger(__name__)
+
+
+def create_app(
+    settings: Settings, *, broker: Broker | None = None, shutdown: asyncio.Event | None = None
+) -> FastAPI:
+    """The HTTP app.  Without ``broker`` it opens its own for its lifespan.
+
+    ``shutdown`` is set when the server begins to shut down; open event streams then end
+    (with a ``retry`` hint) so that shutdown is not held up by them.  ``tokentee serve`` wires
+    it to uvicorn's exit.
+    """
+    shutdown_event = shutdown or asyncio.Event()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if broker is not None:
+            app.state.broker = broker
+            yield
+            return
+        async with Broker.open(settings) as own:
+            app.state.broker = own
+            try:
+                yield
+            finally:
+                shutdown_event.set()
+
+    app = FastAPI(
+        title="tokentee",
+        summary="Read an LLM stream once; fan it out through Redis Streams.",
+        lifespan=lifespan,
+    )
+    app.state.shutdown = shutdown_event
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+
+    def get_broker(request: Request) -> Broker:
+        b: Broker = request.app.state.broker
+        return b
+
+    @app.exception_handler(GenerationNotFound)
+    async def _not_found(request: Request, exc: GenerationNotFound) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=404)
+
+    @app.exception_handler(RedisError)
+    async def _redis_down(request: Request, exc: RedisError) -> JSONResponse:
+        logger.error("redis error while serving %s: %s", request.url.path, exc)
+        return JSONResponse({"detail": "storage unavailable"}, status_code=503)
+
+    def check_id(gid: str) -> None:
+        if not is_generation_id(gid):
+            raise GenerationNotFound(gid)
+
+    @app.post("/v1/streams", status_code=201, response_model=StreamCreated)
+    async def create_stream(body: CreateStream, request: Request) -> StreamCreated:
+        b = get_broker(request)
+        gen_request = GenerationRequest(
+            messages=body.message_dicts(), model=body.model, params=body.params
+        )
+        try:
+            info = await b.start(gen_request, body.provider)
+        except UnknownProvider as exc:
+            raise _unprocessable("provider", str(exc)) from exc
+        except ProviderConfigError as exc:
+            raise _unprocessable("params", str(exc)) from exc
+        base = settings.public_url.rstrip("/") if settings.public_url else str(
+            request.base_url
+        ).rstrip("/")
+        return StreamCreated(
+            id=info.id,
+            events_url=f"{base}/v1/streams/{info.id}/events",
+            status_url=f"{base}/v1/streams/{info.id}",
+            provider=info.provider,
+            model=info.model,
+            created=info.created,
+        )
+
+    @app.get("/v1/streams/{gid}", response_model=StreamStatus)
+    async def get_stream(gid: str, request: Request) -> StreamStatus:
+        check_id(gid)
+        state = await get_broker(request).state(gid)
+        meta = state.meta
+        usage = meta.extra.get("usage")
+        return StreamStatus(
+            id=gid,
+            status=meta.status,  # type: ignore[arg-type]
+            text=state.text,
+            provider=meta.provider,
+            model=meta.model,
+            created=meta.created,
+            finished=meta.finished,
+            finish_reason=meta.finish_reason,
+            last_event_id=meta.last_seq,
+            usage=json.loads(usage) if usage else None,
+            error_code=meta.extra.get("error_code"),
+        )
+
+    @app.get(
+        "/v1/streams/{gid}/events",
+        response_class=Response,
+        response_model=None,
+        responses={
+            200: {"content": {"text/event-stream": {}}, "description": "The event stream."},
+            204: {"description": "The resume point is the terminal event: nothing follows."},
+            400: {"description": "Malformed or impossible resume id."},
+            404: {"description": "Unknown generation."},
+        },
+    )
+    async def stream_events(
+        gid: str,
+        request: Request,
+        after: Annotated[str | None, Query(max_length=64)] = None,
+        last_event_id: Annotated[str | None, Header(max_length=64)] = None,
+    ) -> Response:
+        """Every event after the resume point.  ``Last-Event-ID`` (what a reconnecting
+        EventSource sends) wins over ``after``."""
+        check_id(gid)
+        try:
+            resume = parse_resume_id(last_event_id or after) or 0
+        except ValueError as exc:
+            raise HTTPException(400, str(exc)) from exc
+        b = get_broker(request)
+        release = contextlib.AsyncExitStack()
+        try:
+            cursor = await release.enter_async_context(b.subscribe(gid, resume))
+        except InvalidResumePoint as exc:
+            await release.aclose()
+            raise HTTPException(400, str(exc)) from exc
+        except BaseException:
+            await release.aclose()
+            raise
+        if cursor.finished:
+            # Resuming after the terminal event: 204 tells EventSource to stop reconnecting.
+            await release.aclose()
+            return Response(status_code=204)
+        return EventStreamResponse(
+            cursor, release, heartbeat=settings.heartbeat_seconds,
+            send_timeout=settings.send_timeout_seconds, shutdown=request.app.state.shutdown,
+        )
+
+    @app.post("/v1/streams/{gid}/cancel", status_code=202, response_model=CancelAccepted)
+    async def cancel_stream(gid: str, request: Request) -> CancelAccepted:
+        check_id(gid)
+        status = await get_broker(request).cancel(gid)
+        return CancelAccepted(id=gid, status=status)
+
+    @app.get("/healthz")
+    async def healthz(request: Request) -> JSONResponse:
+        b = get_broker(request)
+        try:
+            await b.redis.ping()
+        except RedisError as exc:
+            return JSONResponse({"status": "unavailable", "redis": str(exc)}, status_code=503)
+        return JSONResponse(
+            {
+                "status": "ok",
+                "producers": len(b.manager.active),
+                "hub_streams": b.hub.stream_count,
+                "readers": b.hub.cursor_count,
+            }
+        )
+
+    return app
+
+
+def _unprocessable(field: str, message: str) -> HTTPException:
+    return HTTPException(
+        422, [{"loc": ["body", field], "msg": message, "type": "value_error"}]
+    )
+
+
+class BodySizeLimit:
+    """Refuses request bodies over ``max_bytes`` with 413, chunked ones included.
+
+    Starlette has no such limit, and a JSON body is read whole before validation.
+    """
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        for name, value in scope.get("headers", []):
+            if name == b"content-length" and value.isdigit() and int(value) > self.max_bytes:
+                await _too_large(send)
+                return
+        seen = 0
+        refused = False
+
+        async def limited_receive() -> Message:
+            nonlocal seen, refused
+            message = await receive()
+            if message["type"] == "http.request" and not refused:
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes:
+                    # Answer 413 now and tell the app the client left, so it stops reading.
+                    refused = True
+                    await _too_large(send)
+                    return {"type": "http.disconnect"}
+            return message
+
+        async def guarded_send(message: Message) -> None:
+            if not refused:
+                await send(message)
+
+        await self.app(scope, limited_receive, guarded_send)
+
+
+async def _too_large(send: Send) -> None:
+    body = b'{"detail":"request body too large"}'
+    await send({"type": "http.response.start", "status": 413,
+                "headers": [(b"content-type", b"application/json"),
+                            (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})

@@ -1,0 +1,65 @@
+"""Request and response bodies of the HTTP API."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[dict[str, Any]] | None = None
+
+
+class CreateStream(BaseModel):
+    """``POST /v1/streams``: exactly one of ``prompt`` or ``messages``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str | None = Field(default=None, min_length=1, max_length=1_000_000)
+    messages: list[Message] | None = Field(default=None, min_length=1, max_length=10_000)
+    provider: str | None = Field(default=None, min_length=1, max_length=64)
+    model: str | None = Field(default=None, min_length=1, max_length=256)
+    params: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _one_input(self) -> CreateStream:
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give exactly one of 'prompt' or 'messages'")
+        return self
+
+    def message_dicts(self) -> list[dict[str, Any]]:
+        if self.messages is None:
+            return [{"role": "user", "content": self.prompt}]
+        return [m.model_dump(exclude_none=True) for m in self.messages]
+
+
+class StreamCreated(BaseModel):
+    id: str
+    events_url: str
+    status_url: str
+    provider: str
+    model: str
+    created: float
+
+
+class StreamStatus(BaseModel):
+    id: str
+    status: Literal["running", "done", "error", "cancelled"]
+    text: str
+    provider: str
+    model: str
+    created: float
+    finished: float | None
+    finish_reason: str | None
+    last_event_id: int = Field(description="id of the newest event in the log")
+    usage: dict[str, Any] | None = None
+    error_code: str | None = None
+
+
+class CancelAccepted(BaseModel):
+    id: str
+    status: str

@@ -1,0 +1,71 @@
+"""``tokentee``: the command line.  Parses arguments and hands over; logic lives elsewhere."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Annotated
+
+import typer
+
+from broker.settings import Settings
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Read an LLM token stream once; fan it out through Redis Streams.",
+)
+
+
+def _settings(**overrides: object) -> Settings:
+    return Settings(**{k: v for k, v in overrides.items() if v is not None})  # type: ignore[arg-type]
+
+
+@app.command()
+def serve(
+    host: Annotated[str | None, typer.Option(help="Interface to bind.")] = None,
+    port: Annotated[int | None, typer.Option(help="Port to bind.")] = None,
+    log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
+) -> None:
+    """Run the HTTP API (embedded Redis and the simulated provider unless configured)."""
+    from broker.server import serve as run
+
+    logging.basicConfig(level=log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    asyncio.run(run(_settings(host=host, port=port)))
+
+
+@app.command()
+def demo(
+    tokens: Annotated[int, typer.Option(help="Tokens to generate.")] = 60,
+    rate: Annotated[float, typer.Option(help="Tokens per second.")] = 15.0,
+) -> None:
+    """Show one generation arriving live at three independent readers."""
+    from broker.demo import run_demo
+
+    raise typer.Exit(asyncio.run(run_demo(_settings(), tokens=tokens, rate=rate)))
+
+
+@app.command()
+def bench(
+    generations: Annotated[int, typer.Option(help="Concurrent generations.")] = 10,
+    readers: Annotated[int, typer.Option(help="Readers per generation.")] = 10,
+    tokens: Annotated[int, typer.Option(help="Tokens per generation.")] = 200,
+    rate: Annotated[float, typer.Option(help="Tokens per second per generation.")] = 50.0,
+    via: Annotated[str, typer.Option(help="Readers through 'api' (Python) or 'sse' (HTTP).")] = (
+        "api"
+    ),
+) -> None:
+    """Measure fan-out: deliveries, latency, CPU and Redis connections; prints JSON."""
+    from broker.bench import run_bench
+
+    if via not in ("api", "sse"):
+        raise typer.BadParameter("--via must be 'api' or 'sse'")
+    ok = asyncio.run(
+        run_bench(_settings(), generations=generations, readers=readers, tokens=tokens,
+                  rate=rate, via=via)
+    )
+    raise typer.Exit(0 if ok else 1)
+
+
+def main() -> None:
+    app()

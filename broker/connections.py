@@ -1,0 +1,53 @@
+"""Redis clients, built from the settings in one place.
+
+Two kinds of connection, never mixed (see ``notes/pitfalls.md``):
+
+- the *command* client: a ``BlockingConnectionPool`` shared by producers, request handlers and
+  catch-up reads; it waits for a free connection instead of raising "Too many connections";
+- *blocking* clients: one dedicated connection each, for the hub's and the control
+  listener's ``XREAD BLOCK``.  A blocking read holds its connection for the whole block time,
+  so it must not sit in the shared pool.
+
+Every connection gets a socket timeout above the BLOCK time (never ``None``), and RESP2 is
+pinned so that reply shapes do not change with the redis-py default (8.x switched to RESP3).
+redis-py >= 5 disconnects a connection whose read was cancelled, so a cancelled blocking read
+never hands a connection with an unread reply to the next user (CVE-2023-28858 class);
+``tests/test_connections.py`` checks that property.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import redis.asyncio as aioredis
+
+from broker.settings import Settings
+
+
+def _common(url: str, settings: Settings) -> dict[str, Any]:
+    options: dict[str, Any] = {
+        "socket_timeout": settings.redis_socket_timeout,
+        "socket_connect_timeout": 10.0,
+        "protocol": 2,
+        "decode_responses": False,
+        "health_check_interval": 30,
+    }
+    if not url.startswith("unix:"):
+        options["socket_keepalive"] = True  # TCP only; unix connections refuse the option
+    return options
+
+
+def command_client(url: str, settings: Settings) -> aioredis.Redis:
+    """The shared client for non-blocking commands (waits for a free pooled connection)."""
+    pool = aioredis.BlockingConnectionPool.from_url(
+        url, max_connections=settings.redis_max_connections, timeout=30, **_common(url, settings)
+    )
+    return aioredis.Redis.from_pool(pool)
+
+
+def blocking_client(url: str, settings: Settings) -> aioredis.Redis:
+    """A client with exactly one connection, for one long blocking reader."""
+    pool = aioredis.BlockingConnectionPool.from_url(
+        url, max_connections=1, timeout=30, **_common(url, settings)
+    )
+    return aioredis.Redis.from_pool(pool)

@@ -1,0 +1,35 @@
+"""The few exceptions tokentee raises."""
+
+from __future__ import annotations
+
+
+class TokenteeError(Exception):
+    """Base class of tokentee's own errors."""
+
+
+class GenerationNotFound(TokenteeError, LookupError):
+    """No generation with this id exists (never did, or its retention expired)."""
+
+    def __init__(self, gid: str) -> None:
+        super().__init__(f"unknown generation {gid!r}")
+        self.gid = gid
+
+
+class InvalidResumePoint(TokenteeError, ValueError):
+    """A resume id that is malformed or beyond what the generation has written."""
+
+
+class UnknownProvider(TokenteeError, LookupError):
+    """The request named a provider that is not configured."""
+
+
+class ProviderConfigError(TokenteeError, ValueError):
+    """A provider cannot run with the given settings or request parameters."""
+
+
+class EmbeddedRedisError(TokenteeError, RuntimeError):
+    """The embedded redis-server could not be started."""
+
+
+class UpstreamProtocolError(TokenteeError, ValueError):
+    """The upstream response broke its wire format (bad SSE, bad JSON, oversized line)."""

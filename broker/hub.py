@@ -1,0 +1,393 @@
+"""The per-process hub: reads each live generation's log once and feeds reader cursors.
+
+One blocking ``XREAD`` on one dedicated connection covers every live stream this process has
+readers for, plus a private *wake* stream: to add a stream to a read that is already blocked,
+the hub appends to its wake stream, the read returns, and the next read names the new stream.
+No connection per reader, no polling, no cancelled blocking reads in normal operation.
+
+A :class:`Cursor` is one reader's position (``last`` delivered seq).  Two modes:
+
+- *live*: the hub appends new entries to the cursor's bounded buffer as it reads them;
+- *behind*: the cursor reads the log itself with non-blocking ``XRANGE`` from its own
+  position (on the shared command pool) until it reaches the hub's head, then turns live.
+
+Every cursor starts behind (a late joiner or a resume is just a cursor behind the head), and a
+live cursor whose buffer is full, or that would see a hole, drops back to behind instead of
+buffering more: a slow reader costs a bounded buffer, never memory in proportion to its lag,
+and never slows the hub, other readers or the producer.  Because asyncio is single-threaded
+and a cursor only turns live after checking, with no await in between, that it has everything
+up to the hub's head, there is no gap and no duplicate at the seam.
+
+Entries that the log no longer holds (trimmed, expired) are reported to the reader as one
+``gap`` event, never skipped silently.
+
+The hub also reaps generations whose producer died: a live stream that is silent for a lease
+period and has no lease left is ended with ``error``/``producer_lost``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import time
+from collections import deque
+from collections.abc import AsyncIterator
+from types import TracebackType
+
+import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from broker.errors import GenerationNotFound, InvalidResumePoint
+from broker.events import Event, decode_entry
+from broker.keys import entry_id, seq_of
+from broker.log import GenerationLog, StreamEntry
+from broker.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+
+class _Stream:
+    """Hub state for one generation that has at least one cursor in this process."""
+
+    __slots__ = ("activity", "cursors", "gid", "head", "log_key", "terminal_seq")
+
+    def __init__(self, gid: str, log_key: str, head: int, terminal_seq: int | None) -> None:
+        self.gid = gid
+        self.log_key = log_key
+        self.head = head  # highest seq this hub knows to be in the log
+        self.terminal_seq = terminal_seq
+        self.cursors: set[Cursor] = set()
+        self.activity = time.monotonic()
+
+    @property
+    def live(self) -> bool:
+        return self.terminal_seq is None
+
+
+class Cursor:
+    """One reader's position in one generation.  Iterate it for :class:`Event` values.
+
+    Iteration ends after the terminal entry.  ``__anext__`` is safe to cancel (for example
+    by a heartbeat timeout): the cursor's position only moves when an event is returned.
+    """
+
+    def __init__(self, hub: Hub, stream: _Stream, after: int, max_buffer: int) -> None:
+        self._hub = hub
+        self._stream = stream
+        self.last = after  # seq of the last event handed to the reader
+        self._tail = after  # seq of the last event in the buffer (or ``last``)
+        self._buffer: deque[Event] = deque()
+        self._max_buffer = max_buffer
+        self._behind = True
+        self._wake = asyncio.Event()
+        self._done = stream.terminal_seq is not None and after >= stream.terminal_seq
+        self.closed = False
+        self.fell_behind = 0  # how often the hub had to drop this cursor to log reads
+
+    @property
+    def gid(self) -> str:
+        return self._stream.gid
+
+    @property
+    def finished(self) -> bool:
+        """True once the terminal event was returned (or the reader resumed after it)."""
+        return self._done
+
+    def __aiter__(self) -> Cursor:
+        return self
+
+    async def __anext__(self) -> Event:
+        while True:
+            if self._buffer:
+                event = self._buffer.popleft()
+                self.last = event.seq
+                if event.terminal:
+                    self._done = True
+                return event
+            if self._done or self.closed:
+                raise StopAsyncIteration
+            if self._behind:
+                await self._catch_up()
+                continue
+            self._wake.clear()
+            await self._wake.wait()
+
+    def ready(self, limit: int = 1_000) -> list[Event]:
+        """The events already buffered (up to ``limit``), without waiting: lets a writer
+        send several events in one write."""
+        out: list[Event] = []
+        while self._buffer and len(out) < limit and not self._done:
+            event = self._buffer.popleft()
+            self.last = event.seq
+            if event.terminal:
+                self._done = True
+            out.append(event)
+        return out
+
+    async def _catch_up(self) -> None:
+        stream = self._stream
+        events = await self._hub.log.read(stream.gid, self.last, self._hub.settings.catchup_batch)
+        if events:
+            first = events[0].seq
+            if first > self.last + 1:
+                self._buffer.append(_gap(self.last + 1, first - 1))
+            self._buffer.extend(events)
+            self._tail = events[-1].seq
+            return
+        # The log holds nothing after ``last``.  If the hub has seen more, those entries are
+        # gone (trimmed or expired): say so instead of waiting for them.
+        if stream.head > self.last:
+            if stream.terminal_seq is not None:
+                # The terminal entry is gone too: end the reader explicitly.
+                if stream.head - 1 > self.last:
+                    self._buffer.append(_gap(self.last + 1, stream.head - 1))
+                self._buffer.append(Event(
+                    seq=stream.head, type="error",
+                    data={"code": "log_lost", "message": "the rest of this log is gone"},
+                ))
+            else:
+                self._buffer.append(_gap(self.last + 1, stream.head))
+            self._tail = stream.head
+            return
+        if stream.terminal_seq is not None and self.last >= stream.terminal_seq:
+            self._done = True
+            return
+        self._behind = False  # caught up with the hub's head: go live
+
+    def _offer(self, events: list[Event]) -> None:
+        """Called by the hub with new entries (contiguous, ascending)."""
+        if self._done or self.closed:
+            return
+        if not self._behind:
+            # A cursor that read the log itself can be ahead of the hub: skip what it has.
+            fresh = [e for e in events if e.seq > self._tail]
+            if not fresh:
+                return
+            if fresh[0].seq != self._tail + 1 or len(self._buffer) + len(fresh) > (
+                self._max_buffer
+            ):
+                # Full or discontinuous: keep what is buffered (contiguous after ``last``)
+                # and read the rest from the log at the reader's own pace.
+                self._behind = True
+                self.fell_behind += 1
+            else:
+                self._buffer.extend(fresh)
+                self._tail = fresh[-1].seq
+        self._wake.set()
+
+    def _close(self) -> None:
+        self.closed = True
+        self._wake.set()
+
+
+def _gap(first: int, last: int) -> Event:
+    return Event(seq=last, type="gap", data={"first_missing": first, "last_missing": last})
+
+
+class Hub:
+    """Per-process fan-out from the log to cursors.  Use as an async context manager."""
+
+    def __init__(
+        self, log: GenerationLog, block_redis: aioredis.Redis, settings: Settings
+    ) -> None:
+        self.log = log
+        self.settings = settings
+        self._block_redis = block_redis
+        self._id = secrets.token_hex(8)
+        self._wake_key = log.keyspace.hub_wake(self._id)
+        self._wake_last = "0-0"
+        self._streams: dict[str, _Stream] = {}
+        self._by_key: dict[bytes, _Stream] = {}
+        self._preparing: dict[str, asyncio.Future[_Stream]] = {}
+        self._blocked = False
+        self._tasks: list[asyncio.Task[None]] = []
+        self.reads = 0  # XREAD calls issued (for benchmarks)
+
+    async def __aenter__(self) -> Hub:
+        self._tasks = [
+            asyncio.create_task(self._reader(), name="tokentee-hub-reader"),
+            asyncio.create_task(self._reaper(), name="tokentee-hub-reaper"),
+        ]
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks = []
+        for stream in list(self._streams.values()):
+            for cursor in list(stream.cursors):
+                cursor._close()
+        with contextlib.suppress(RedisConnectionError, RedisTimeoutError):
+            await self.log.redis.delete(self._wake_key)
+
+    # --- public API ----------------------------------------------------------------------------
+
+    @property
+    def stream_count(self) -> int:
+        return len(self._streams)
+
+    @property
+    def cursor_count(self) -> int:
+        return sum(len(s.cursors) for s in self._streams.values())
+
+    @contextlib.asynccontextmanager
+    async def subscribe(self, gid: str, after: int = 0) -> AsyncIterator[Cursor]:
+        """A cursor over ``gid`` that yields every entry with ``seq > after``.
+
+        Raises :class:`GenerationNotFound` for an unknown id and :class:`InvalidResumePoint`
+        for ``after`` below 0 or beyond what the generation has written.  Leaving the
+        context releases everything the cursor held.
+        """
+        if after < 0:
+            raise InvalidResumePoint("resume id must be >= 0")
+        while True:
+            stream = await self._attach(gid)
+            # _attach may have awaited another subscriber's preparation, and that subscriber
+            # may have left since: only join a stream the hub still tracks.
+            if self._streams.get(gid) is stream:
+                break
+        cursor = Cursor(self, stream, after, self.settings.client_queue_size)
+        stream.cursors.add(cursor)  # before any await, so the stream cannot be released
+        try:
+            if after > stream.head:
+                # The hub's head can trail the log by one read; ask the log before refusing.
+                meta = await self.log.meta(gid)
+                if meta is None or after > meta.last_seq:
+                    raise InvalidResumePoint(
+                        f"resume id {after} is beyond the end of generation {gid}"
+                    )
+            cursor._done = stream.terminal_seq is not None and after >= stream.terminal_seq
+            yield cursor
+        finally:
+            cursor._close()
+            stream.cursors.discard(cursor)
+            self._release(stream)
+
+    # --- stream bookkeeping ----------------------------------------------------------------
+
+    async def _attach(self, gid: str) -> _Stream:
+        stream = self._streams.get(gid)
+        if stream is not None:
+            return stream
+        pending = self._preparing.get(gid)
+        if pending is not None:
+            return await asyncio.shield(pending)
+        future: asyncio.Future[_Stream] = asyncio.get_running_loop().create_future()
+        self._preparing[gid] = future
+        try:
+            meta = await self.log.meta(gid)
+            if meta is None:
+                raise GenerationNotFound(gid)
+            stream = _Stream(
+                gid, self.log.keys(gid).log, meta.last_seq,
+                meta.last_seq if meta.terminal else None,
+            )
+            self._streams[gid] = stream
+            if stream.live:
+                self._by_key[stream.log_key.encode()] = stream
+                await self._wake_reader()
+            future.set_result(stream)
+            return stream
+        except BaseException as exc:
+            future.set_exception(exc)
+            future.exception()  # mark retrieved: waiters re-raise it themselves
+            raise
+        finally:
+            del self._preparing[gid]
+
+    def _release(self, stream: _Stream) -> None:
+        if stream.cursors:
+            return
+        if self._streams.get(stream.gid) is stream:
+            del self._streams[stream.gid]
+        if self._by_key.get(stream.log_key.encode()) is stream:
+            del self._by_key[stream.log_key.encode()]
+        # A blocked XREAD may still name the stream; its reply is ignored when it returns.
+
+    async def _wake_reader(self) -> None:
+        # Only a blocked read needs waking; otherwise the next read names the stream anyway.
+        if self._blocked:
+            async with self.log.redis.pipeline(transaction=False) as pipe:
+                pipe.xadd(self._wake_key, {"w": "1"}, maxlen=16, approximate=True)
+                pipe.expire(self._wake_key, 86_400)  # outlives no crashed process by long
+                await pipe.execute()
+
+    # --- the reader ----------------------------------------------------------------------------
+
+    async def _reader(self) -> None:
+        backoff = 0.1
+        while True:
+            try:
+                await self._read_once()
+                backoff = 0.1
+            except RedisError as exc:
+                # Any Redis failure: a dead reader would leave every cursor waiting.
+                logger.warning("hub read failed (%s); retrying in %.1fs", exc, backoff)
+                await asyncio.sleep(backoff)  # reconnect backoff, not a data poll
+                backoff = min(backoff * 2, 5.0)
+
+    async def _read_once(self) -> None:
+        names: dict[bytes | str, str] = {self._wake_key: self._wake_last}
+        for key, stream in self._by_key.items():
+            names[key] = entry_id(stream.head)
+        # Building ``names`` and setting ``_blocked`` happen with no await in between, so a
+        # stream attached after this point finds ``_blocked`` set and wakes the read.
+        self._blocked = True
+        try:
+            reply = await self._block_redis.xread(
+                names, block=self.settings.block_ms, count=self.settings.catchup_batch
+            )
+        finally:
+            self._blocked = False
+        self.reads += 1
+        for key, entries in reply or []:
+            if key == self._wake_key.encode():
+                self._wake_last = entries[-1][0].decode()
+                continue
+            stream = self._by_key.get(key)
+            if stream is not None:
+                self._dispatch(stream, entries)
+
+    def _dispatch(self, stream: _Stream, entries: list[StreamEntry]) -> None:
+        events = [
+            decode_entry(seq, fields)
+            for eid, fields in entries
+            if (seq := seq_of(eid)) > stream.head
+        ]
+        if not events:
+            return
+        stream.head = events[-1].seq
+        stream.activity = time.monotonic()
+        if events[-1].terminal:
+            stream.terminal_seq = events[-1].seq
+            self._by_key.pop(stream.log_key.encode(), None)
+        for cursor in stream.cursors:
+            cursor._offer(events)
+
+    # --- the reaper ----------------------------------------------------------------------------
+
+    async def _reaper(self) -> None:
+        interval = self.settings.lease_seconds
+        while True:
+            await asyncio.sleep(interval)  # a periodic liveness check, not a data poll
+            now = time.monotonic()
+            quiet = [
+                s.gid for s in self._streams.values() if s.live and now - s.activity >= interval
+            ]
+            if not quiet:
+                continue
+            try:
+                alive = await self.log.lease_alive(quiet)
+                for gid, ok in zip(quiet, alive, strict=True):
+                    if not ok:
+                        await self.log.reap_if_orphaned(gid)
+            except (RedisConnectionError, RedisTimeoutError) as exc:
+                logger.warning("reaper check failed: %s", exc)

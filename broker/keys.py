@@ -1,0 +1,83 @@
+"""Every Redis key name tokentee uses, and nothing else.
+
+All keys of one generation carry the generation id as their Redis Cluster hash tag
+(``<prefix>:{<id>}:...``), so the multi-key scripts that append entries and finish a
+generation touch a single hash slot.  Process-wide keys (catalog, control stream) have no tag.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+from dataclasses import dataclass
+
+# Generation ids are what ``new_generation_id`` makes: url-safe base64, no braces, so the
+# id can be a hash tag and a path segment without escaping.  Parsing accepts the same
+# alphabet from user input and nothing else.
+GENERATION_ID_RE = re.compile(r"^[A-Za-z0-9_-]{8,64}$")
+
+
+def new_generation_id() -> str:
+    return "g" + secrets.token_urlsafe(15)
+
+
+def is_generation_id(value: str) -> bool:
+    return bool(GENERATION_ID_RE.match(value))
+
+
+def entry_id(seq: int) -> str:
+    """Stream entry id of sequence number ``seq`` (1-based): ``0-<seq>``.
+
+    Explicit ids make a retried append detectable (Redis refuses an id at or below the top
+    entry) and let any reader see a gap as a jump in ``seq``.
+    """
+    return f"0-{seq}"
+
+
+def seq_of(entry_id: str | bytes) -> int:
+    if isinstance(entry_id, bytes):
+        entry_id = entry_id.decode()
+    ms, _, seq = entry_id.partition("-")
+    if ms != "0" or not seq.isdigit():
+        raise ValueError(f"not a tokentee entry id: {entry_id!r}")
+    return int(seq)
+
+
+@dataclass(frozen=True, slots=True)
+class GenerationKeys:
+    """The keys of one generation (all in one hash slot)."""
+
+    log: str  # stream: the entries
+    meta: str  # hash: status, model, created, last_seq, ...
+    text: str  # string: text accumulated so far
+    lease: str  # string with TTL: present while a live producer owns the generation
+
+    def all(self) -> tuple[str, str, str, str]:
+        return (self.log, self.meta, self.text, self.lease)
+
+
+@dataclass(frozen=True, slots=True)
+class Keyspace:
+    """Key builder for one prefix.  Tests isolate themselves by using their own prefix."""
+
+    prefix: str
+
+    def generation(self, gid: str) -> GenerationKeys:
+        base = f"{self.prefix}:{{{gid}}}"
+        return GenerationKeys(
+            log=f"{base}:log", meta=f"{base}:meta", text=f"{base}:text", lease=f"{base}:lease"
+        )
+
+    @property
+    def catalog(self) -> str:
+        """Stream announcing every new generation."""
+        return f"{self.prefix}:catalog"
+
+    @property
+    def control(self) -> str:
+        """Stream of control messages (cancel requests) that every broker process follows."""
+        return f"{self.prefix}:control"
+
+    def hub_wake(self, hub_id: str) -> str:
+        """Private stream a hub includes in its blocking read, to be woken for new streams."""
+        return f"{self.prefix}:hub:{hub_id}:wake"

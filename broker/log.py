@@ -1,0 +1,290 @@
+"""The generation log in Redis: create, append, finish, cancel, read.
+
+All writes to one generation go through Lua scripts over keys in one hash slot, so each step
+is atomic and cluster-safe:
+
+- ``append``: writes a batch of entries with explicit ids ``0-<seq>``, the accumulated text
+  and ``last_seq``, and renews the producer's lease.  An entry at or below ``last_seq`` is
+  skipped (a retried call cannot duplicate a token).  A finished generation, or one leased by
+  another producer, refuses the append (fencing).
+- ``finish``: writes the one terminal entry together with the status, drops the lease and sets
+  the retention TTL.  A second finish is a no-op that reports the existing status, so there is
+  exactly one terminal entry whoever races to write it (producer, cancel, reaper).
+- ``request_cancel``: marks the generation for cancellation; if no producer holds the lease it
+  writes ``cancelled`` itself, since nobody else would.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import redis.asyncio as aioredis
+
+from broker.events import STATUSES, Event, decode_entry, dumps, encode_fields
+from broker.keys import GenerationKeys, Keyspace, entry_id, seq_of
+
+logger = logging.getLogger(__name__)
+
+# Reply shapes (RESP2, bytes) of the stream commands we use.
+StreamEntry = tuple[bytes, dict[bytes, bytes]]
+
+_APPEND = """
+local status = redis.call('HGET', KEYS[2], 'status')
+if status ~= 'running' then return {-1, status or ''} end
+local holder = redis.call('GET', KEYS[4])
+if holder and holder ~= ARGV[1] then return {-2, holder} end
+local last = tonumber(redis.call('HGET', KEYS[2], 'last_seq') or '0')
+local n = tonumber(ARGV[4])
+local i = 5
+for _ = 1, n do
+  local seq = tonumber(ARGV[i])
+  if seq > last then
+    if seq ~= last + 1 then
+      return redis.error_reply('tokentee: sequence gap at ' .. seq .. ' after ' .. last)
+    end
+    redis.call('XADD', KEYS[1], 'MAXLEN', ARGV[2], '0-' .. seq,
+               'type', ARGV[i + 1], 'data', ARGV[i + 2], 'ts', ARGV[i + 3])
+    if ARGV[i + 4] ~= '' then redis.call('APPEND', KEYS[3], ARGV[i + 4]) end
+    last = seq
+  end
+  i = i + 5
+end
+redis.call('HSET', KEYS[2], 'last_seq', last)
+redis.call('SET', KEYS[4], ARGV[1], 'PX', ARGV[3])
+local cancel = redis.call('HGET', KEYS[2], 'cancel')
+return {last, cancel or ''}
+"""
+
+# ARGV: owner ('' = not a producer), mode ('owner' | 'orphaned' | 'any'), type, data, ts,
+#       status, finish_reason, retention seconds, then field/value pairs for the meta hash.
+_FINISH = """
+local status = redis.call('HGET', KEYS[2], 'status')
+if not status then return {0, ''} end
+if status ~= 'running' then return {0, status} end
+local holder = redis.call('GET', KEYS[4])
+if ARGV[2] == 'owner' then
+  if holder and holder ~= ARGV[1] then return {0, 'running'} end
+elseif ARGV[2] == 'orphaned' then
+  if holder then return {0, 'running'} end
+end
+local seq = tonumber(redis.call('HGET', KEYS[2], 'last_seq') or '0') + 1
+redis.call('XADD', KEYS[1], '0-' .. seq, 'type', ARGV[3], 'data', ARGV[4], 'ts', ARGV[5])
+redis.call('HSET', KEYS[2], 'status', ARGV[6], 'last_seq', seq, 'finish_reason', ARGV[7],
+           'finished', ARGV[5])
+for j = 9, #ARGV, 2 do redis.call('HSET', KEYS[2], ARGV[j], ARGV[j + 1]) end
+redis.call('DEL', KEYS[4])
+local ttl = tonumber(ARGV[8])
+redis.call('EXPIRE', KEYS[1], ttl)
+redis.call('EXPIRE', KEYS[2], ttl)
+if redis.call('EXISTS', KEYS[3]) == 1 then redis.call('EXPIRE', KEYS[3], ttl) end
+return {seq, ARGV[6]}
+"""
+
+_REQUEST_CANCEL = """
+local status = redis.call('HGET', KEYS[2], 'status')
+if not status then return '' end
+if status ~= 'running' then return status end
+redis.call('HSET', KEYS[2], 'cancel', ARGV[1])
+if redis.call('EXISTS', KEYS[4]) == 1 then return 'running' end
+return 'orphaned'
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class GenerationMeta:
+    """A generation's metadata hash, decoded."""
+
+    id: str
+    status: str
+    provider: str
+    model: str
+    created: float
+    last_seq: int
+    finished: float | None
+    finish_reason: str | None
+    cancel_requested: bool
+    extra: dict[str, str]
+
+    @property
+    def terminal(self) -> bool:
+        return self.status != "running"
+
+
+@dataclass(frozen=True, slots=True)
+class AppendResult:
+    last_seq: int
+    cancel_requested: bool
+
+
+class GenerationFenced(Exception):  # noqa: N818 - a state, not a failure of ours
+    """The generation is no longer ours to write: it finished, or another producer leads it."""
+
+
+def _s(value: bytes | None) -> str | None:
+    return None if value is None else value.decode()
+
+
+class GenerationLog:
+    """Reads and writes generations.  Stateless apart from the client; safe to share."""
+
+    def __init__(
+        self, redis: aioredis.Redis, keyspace: Keyspace, *, retention_seconds: int,
+        max_entries: int, catalog_maxlen: int, control_maxlen: int,
+    ) -> None:
+        self.redis = redis
+        self.keyspace = keyspace
+        self.retention_seconds = retention_seconds
+        self.max_entries = max_entries
+        self.catalog_maxlen = catalog_maxlen
+        self.control_maxlen = control_maxlen
+        self._append = redis.register_script(_APPEND)
+        self._finish = redis.register_script(_FINISH)
+        self._request_cancel = redis.register_script(_REQUEST_CANCEL)
+
+    def keys(self, gid: str) -> GenerationKeys:
+        return self.keyspace.generation(gid)
+
+    # --- writing ---------------------------------------------------------------------------
+
+    async def create(
+        self, gid: str, *, provider: str, model: str, owner: str, lease_ms: int,
+        ttl_seconds: int, extra: dict[str, str] | None = None,
+    ) -> float:
+        """Create the generation's metadata, take its lease, announce it on the catalog.
+
+        The metadata gets a backstop TTL (``ttl_seconds``: the generation deadline plus
+        retention) so that nothing outlives its retention even if every process dies.
+        Returns the creation time.
+        """
+        keys = self.keys(gid)
+        created = time.time()
+        fields: dict[str, str] = {
+            "id": gid, "status": "running", "provider": provider, "model": model,
+            "created": f"{created:.6f}", "last_seq": "0", **(extra or {}),
+        }
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hset(keys.meta, mapping=fields)  # type: ignore[arg-type]
+            pipe.expire(keys.meta, ttl_seconds)
+            pipe.set(keys.lease, owner, px=lease_ms)
+            await pipe.execute()
+        # The catalog is another slot, so it cannot share the transaction.  Announcing after
+        # the metadata exists means a subscriber that reads the catalog always finds it.
+        await self.redis.xadd(
+            self.keyspace.catalog,
+            {"id": gid, "provider": provider, "model": model, "created": f"{created:.6f}"},
+            maxlen=self.catalog_maxlen, approximate=True,
+        )
+        return created
+
+    async def append(
+        self, gid: str, owner: str, lease_ms: int,
+        entries: list[tuple[int, str, dict[str, Any], float, str]],
+    ) -> AppendResult:
+        """Append ``(seq, type, data, ts, text)`` entries.  Raises :class:`GenerationFenced`
+        if the generation finished or is leased to someone else."""
+        keys = self.keys(gid)
+        args: list[str | int] = [owner, self.max_entries, lease_ms, len(entries)]
+        for seq, etype, data, ts, text in entries:
+            fields = encode_fields(etype, data, ts)
+            args += [seq, fields[1], fields[3], fields[5], text]
+        last, flag = await self._append(keys=list(keys.all()), args=args)
+        if int(last) < 0:
+            raise GenerationFenced(f"generation {gid} refused the append ({_s(flag)})")
+        return AppendResult(last_seq=int(last), cancel_requested=bool(flag))
+
+    async def finish(
+        self, gid: str, etype: str, data: dict[str, Any], *, owner: str = "",
+        mode: str = "owner", finish_reason: str = "", meta: dict[str, str] | None = None,
+    ) -> tuple[int, str]:
+        """Write the terminal entry atomically with the status.
+
+        Returns ``(seq, status)``: ``seq`` is the terminal entry's sequence number, or 0 if
+        this call wrote nothing because the generation had already ended (``status`` then
+        says how) or, in ``owner``/``orphaned`` mode, a live producer holds it.
+        """
+        status = {"done": "done", "error": "error", "cancelled": "cancelled"}[etype]
+        keys = self.keys(gid)
+        args: list[str | int] = [
+            owner, mode, etype, dumps(data), f"{time.time() * 1000:.3f}", status,
+            finish_reason, self.retention_seconds,
+        ]
+        for k, v in (meta or {}).items():
+            args += [k, v]
+        seq, st = await self._finish(keys=list(keys.all()), args=args)
+        return int(seq), st.decode() if isinstance(st, bytes) else str(st)
+
+    async def request_cancel(self, gid: str, reason: str = "requested") -> str:
+        """Ask whoever produces ``gid`` to cancel it.
+
+        Returns the status after the request: ``running`` (a producer will write
+        ``cancelled`` shortly), a terminal status, or ``""`` if the generation is unknown.
+        """
+        keys = self.keys(gid)
+        raw = await self._request_cancel(keys=list(keys.all()), args=[reason])
+        state = raw.decode() if isinstance(raw, bytes) else str(raw)
+        if state == "orphaned":
+            # No producer holds the lease: nobody would notice the flag, so end it here.
+            await self.finish(gid, "cancelled", {"reason": reason}, mode="orphaned",
+                              finish_reason="cancelled")
+            meta = await self.meta(gid)
+            return meta.status if meta else ""
+        if state == "running":
+            await self.redis.xadd(
+                self.keyspace.control, {"op": "cancel", "id": gid, "reason": reason},
+                maxlen=self.control_maxlen, approximate=True,
+            )
+        return state
+
+    async def reap_if_orphaned(self, gid: str) -> bool:
+        """End a running generation whose producer lost its lease (crashed process)."""
+        seq, _ = await self.finish(
+            gid, "error", {"code": "producer_lost",
+                           "message": "the producer of this generation stopped responding"},
+            mode="orphaned", finish_reason="error",
+        )
+        if seq:
+            logger.warning("generation %s: producer lost, ended with error", gid)
+        return bool(seq)
+
+    # --- reading ---------------------------------------------------------------------------
+
+    async def meta(self, gid: str) -> GenerationMeta | None:
+        raw: dict[bytes, bytes] = await self.redis.hgetall(self.keys(gid).meta)  # type: ignore[misc]
+        if not raw:
+            return None
+        d = {k.decode(): v.decode() for k, v in raw.items()}
+        known = {"id", "status", "provider", "model", "created", "last_seq", "finished",
+                 "finish_reason", "cancel"}
+        status = d.get("status", "running")
+        return GenerationMeta(
+            id=d.get("id", gid),
+            status=status if status in STATUSES else "running",
+            provider=d.get("provider", ""),
+            model=d.get("model", ""),
+            created=float(d.get("created", "0")),
+            last_seq=int(d.get("last_seq", "0")),
+            finished=float(d["finished"]) / 1000 if d.get("finished") else None,
+            finish_reason=d.get("finish_reason") or None,
+            cancel_requested="cancel" in d,
+            extra={k: v for k, v in d.items() if k not in known},
+        )
+
+    async def text(self, gid: str) -> str:
+        raw = await self.redis.get(self.keys(gid).text)
+        return raw.decode() if raw else ""
+
+    async def read(self, gid: str, after: int, count: int) -> list[Event]:
+        """Up to ``count`` entries with ``seq > after``, in order (non-blocking XRANGE)."""
+        raw: list[StreamEntry] = await self.redis.xrange(
+            self.keys(gid).log, min=entry_id(after + 1), max="+", count=count
+        )
+        return [decode_entry(seq_of(eid), fields) for eid, fields in raw]
+
+    async def lease_alive(self, gids: list[str]) -> list[bool]:
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for gid in gids:
+                pipe.exists(self.keys(gid).lease)
+            return [bool(x) for x in await pipe.execute()]

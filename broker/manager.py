@@ -1,0 +1,180 @@
+"""The generation manager: owns this process's producer tasks.
+
+It starts generations, keeps their leases alive while the upstream is quiet, follows the
+control stream so that a cancel posted to *any* broker process reaches the producer wherever
+it runs, and drains on shutdown: producers get ``shutdown_grace_seconds`` to finish, then are
+cancelled (each writes ``cancelled`` with reason ``shutdown``) and awaited.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+from dataclasses import dataclass
+from types import TracebackType
+
+import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from broker.keys import new_generation_id
+from broker.log import GenerationLog
+from broker.producer import Producer
+from broker.providers import ProviderRegistry
+from broker.providers.base import GenerationRequest
+from broker.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class GenerationInfo:
+    id: str
+    provider: str
+    model: str
+    created: float
+
+
+class GenerationManager:
+    """Starts and owns producers.  Use as an async context manager."""
+
+    def __init__(
+        self, log: GenerationLog, providers: ProviderRegistry, settings: Settings,
+        control_redis: aioredis.Redis,
+    ) -> None:
+        self.log = log
+        self.providers = providers
+        self.settings = settings
+        self.owner = f"p-{secrets.token_hex(8)}"
+        self._control_redis = control_redis
+        self._producers: dict[str, tuple[Producer, asyncio.Task[None]]] = {}
+        self._background: list[asyncio.Task[None]] = []
+        self._closing = False
+
+    async def __aenter__(self) -> GenerationManager:
+        # Resolve the control stream's current end before accepting work, so a cancel
+        # posted after start() returned can never fall between two reads.
+        last = await self._control_redis.xrevrange(self.log.keyspace.control, count=1)
+        start_id = last[0][0].decode() if last else "0-0"
+        self._background = [
+            asyncio.create_task(self._follow_control(start_id), name="tokentee-control"),
+            asyncio.create_task(self._renew_leases(), name="tokentee-leases"),
+        ]
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    @property
+    def active(self) -> list[str]:
+        return list(self._producers)
+
+    async def start(self, request: GenerationRequest, provider_name: str | None = None) -> (
+        GenerationInfo
+    ):
+        """Validate, create and start a generation; return once it is in the log.
+
+        Raises ``UnknownProvider`` / ``ProviderConfigError`` before anything is written.  The
+        producer task belongs to this manager, not to the caller: it keeps running when the
+        caller goes away.
+        """
+        if self._closing:
+            raise RuntimeError("the generation manager is shutting down")
+        name = provider_name or self.settings.default_provider
+        provider = self.providers.validate(name, request)
+        model = provider.model_for(request)
+        gid = new_generation_id()
+        ttl = int(self.settings.max_generation_seconds + self.settings.retention_seconds) + 60
+        created = await self.log.create(
+            gid, provider=name, model=model, owner=self.owner,
+            lease_ms=int(self.settings.lease_seconds * 1000), ttl_seconds=ttl,
+        )
+        producer = Producer(self.log, gid, provider, request, self.settings, self.owner)
+        task = asyncio.create_task(producer.run(), name=f"tokentee-producer-{gid}")
+        self._producers[gid] = (producer, task)
+        task.add_done_callback(lambda _t, gid=gid: self._producer_done(gid))  # type: ignore[misc]
+        return GenerationInfo(id=gid, provider=name, model=model, created=created)
+
+    def _producer_done(self, gid: str) -> None:
+        entry = self._producers.pop(gid, None)
+        if entry is None:
+            return
+        task = entry[1]
+        if not task.cancelled() and task.exception() is not None:
+            logger.error("producer %s crashed", gid, exc_info=task.exception())
+
+    def cancel_local(self, gid: str, reason: str = "requested") -> bool:
+        """Cancel ``gid`` if its producer runs in this process."""
+        entry = self._producers.get(gid)
+        if entry is None:
+            return False
+        producer, task = entry
+        producer.cancel_reason = reason
+        task.cancel()
+        return True
+
+    async def wait(self, gid: str) -> None:
+        """Wait until the local producer of ``gid`` has ended (no-op if not local)."""
+        entry = self._producers.get(gid)
+        if entry is not None:
+            await asyncio.gather(entry[1], return_exceptions=True)
+
+    async def _follow_control(self, last_id: str) -> None:
+        """Blocking read of the control stream: act on cancels for local producers."""
+        key = self.log.keyspace.control
+        while True:
+            try:
+                reply = await self._control_redis.xread(
+                    {key: last_id}, block=self.settings.block_ms, count=100
+                )
+            except (RedisConnectionError, RedisTimeoutError) as exc:
+                logger.warning("control stream read failed (%s); reconnecting", exc)
+                await asyncio.sleep(0.5)  # back off before reconnecting, not a data poll
+                continue
+            for _key, entries in reply:
+                for entry_id, fields in entries:
+                    last_id = entry_id.decode()
+                    if fields.get(b"op") == b"cancel":
+                        gid = fields.get(b"id", b"").decode()
+                        reason = fields.get(b"reason", b"requested").decode()
+                        if self.cancel_local(gid, reason):
+                            logger.info("cancelling generation %s (%s)", gid, reason)
+
+    async def _renew_leases(self) -> None:
+        """Keep leases of quiet producers alive (appends renew them too)."""
+        interval = self.settings.lease_seconds / 3
+        lease_ms = int(self.settings.lease_seconds * 1000)
+        while True:
+            await asyncio.sleep(interval)
+            gids = list(self._producers)
+            if not gids:
+                continue
+            try:
+                async with self.log.redis.pipeline(transaction=False) as pipe:
+                    for gid in gids:
+                        # XX: never resurrect a lease that finish() or a reaper removed.
+                        pipe.set(self.log.keys(gid).lease, self.owner, px=lease_ms, xx=True)
+                    await pipe.execute()
+            except (RedisConnectionError, RedisTimeoutError) as exc:
+                logger.warning("lease renewal failed: %s", exc)
+
+    async def aclose(self) -> None:
+        """Drain: let producers finish within the grace period, then cancel and await them."""
+        self._closing = True
+        tasks = [task for _, task in self._producers.values()]
+        if tasks:
+            _, pending = await asyncio.wait(tasks, timeout=self.settings.shutdown_grace_seconds)
+            for gid, (producer, task) in list(self._producers.items()):
+                if task in pending:
+                    producer.cancel_reason = "shutdown"
+                    task.cancel()
+                    logger.info("generation %s cancelled by shutdown", gid)
+            await asyncio.gather(*pending, return_exceptions=True)
+        for task in self._background:
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
+        self._background = []

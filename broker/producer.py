@@ -1,0 +1,178 @@
+"""The producer: reads one upstream call once and writes it to the generation's log.
+
+One producer task per generation.  It reads provider events and hands token entries to a
+writer that appends them in batches (group commit: whatever arrived while the previous append
+was in flight goes in the next one), so a fast upstream costs one Redis round trip per batch,
+not per token.  The buffer between the two is bounded: past ``4 x append_batch`` pending
+entries the reader stops reading the upstream until the writer catches up.
+
+However the generation ends (upstream finished or failed, deadline, cancel, shutdown,
+unexpected error) the producer writes exactly one terminal entry, atomically with the status
+(:meth:`GenerationLog.finish`).  If the log refuses it because the generation already ended
+(cancelled while orphaned, reaped), nothing more is written.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from redis.exceptions import RedisError
+
+from broker.events import Finish, ProviderEvent, TextDelta, UpstreamFailure, Usage, dumps
+from broker.log import GenerationFenced, GenerationLog
+from broker.providers.base import GenerationRequest, Provider
+from broker.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+# (type, data, finish_reason)
+Terminal = tuple[str, dict[str, Any], str]
+PendingEntry = tuple[int, str, dict[str, Any], float, str]
+
+
+class CancelRequested(Exception):  # noqa: N818 - a signal, raised inside the producer only
+    """The log reported a cancel request (fallback to the control stream)."""
+
+
+class Producer:
+    """Runs one generation.  Construct, then ``await run()`` in a task the manager owns.
+
+    Cancelling that task is how a generation is cancelled: set :attr:`cancel_reason` first
+    (``"requested"``, ``"shutdown"``); the producer closes the upstream request, flushes what
+    it has read, writes ``cancelled`` and re-raises the cancellation.
+    """
+
+    def __init__(
+        self, log: GenerationLog, gid: str, provider: Provider, request: GenerationRequest,
+        settings: Settings, owner: str,
+    ) -> None:
+        self.log = log
+        self.gid = gid
+        self.provider = provider
+        self.request = request
+        self.settings = settings
+        self.owner = owner
+        self.lease_ms = int(settings.lease_seconds * 1000)
+        self.cancel_reason = "requested"
+        self.seq = 0
+        self._pending: list[PendingEntry] = []
+        self._wake = asyncio.Event()
+        self._drained = asyncio.Event()
+        self._upstream_done = False
+        self._usage: dict[str, Any] | None = None
+
+    async def run(self) -> None:
+        terminal: Terminal | None = None
+        try:
+            async with asyncio.timeout(self.settings.max_generation_seconds):
+                terminal = await self._pump()
+        except TimeoutError:
+            terminal = _error("deadline_exceeded", "the generation exceeded its total deadline")
+        except CancelRequested:
+            terminal = ("cancelled", {"reason": "requested"}, "cancelled")
+        except GenerationFenced as exc:
+            logger.info("generation %s: %s", self.gid, exc)
+        except asyncio.CancelledError:
+            terminal = ("cancelled", {"reason": self.cancel_reason}, "cancelled")
+            raise
+        except RedisError as exc:
+            logger.error("generation %s: redis failed: %s", self.gid, exc)
+            terminal = _error("storage_error", "the log could not be written")
+        except Exception:
+            logger.exception("generation %s: producer failed", self.gid)
+            terminal = _error("internal_error", "the producer failed unexpectedly")
+        finally:
+            if terminal is not None:
+                await self._finish(terminal)
+
+    async def _finish(self, terminal: Terminal) -> None:
+        etype, data, reason = terminal
+        try:
+            if self._pending:  # read from upstream before the stop: keep it
+                await self.log.append(self.gid, self.owner, self.lease_ms, self._pending)
+                self._pending.clear()
+            extra = {"error_code": str(data["code"])} if etype == "error" else {}
+            if self._usage is not None:
+                extra["usage"] = dumps(self._usage)
+            seq, status = await self.log.finish(
+                self.gid, etype, data, owner=self.owner, finish_reason=reason, meta=extra
+            )
+            if not seq:
+                logger.info("generation %s had already ended (%s)", self.gid, status)
+        except (RedisError, GenerationFenced) as exc:
+            # Nothing more we can do from here; the lease expires and a reader's reaper ends
+            # the generation with ``producer_lost``, so no reader hangs.
+            logger.error("generation %s: could not write terminal entry: %s", self.gid, exc)
+
+    async def _pump(self) -> Terminal:
+        try:
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(self._writer(), name=f"tokentee-writer-{self.gid}")
+                try:
+                    result = await self._read_upstream()
+                finally:
+                    self._upstream_done = True
+                    self._wake.set()
+        except BaseExceptionGroup as group:
+            # Only the writer runs in the group: surface its failure (fenced, Redis, cancel
+            # request) as the producer's own.
+            raise group.exceptions[0] from None
+        return result
+
+    async def _read_upstream(self) -> Terminal:
+        high_water = 4 * self.settings.append_batch
+        stream: AsyncIterator[ProviderEvent] = self.provider.stream(self.request)
+        async with contextlib.aclosing(stream):  # type: ignore[type-var]
+            async for event in stream:
+                match event:
+                    case TextDelta(text=text) if text:
+                        if self.seq + 1 >= self.settings.max_entries:
+                            return _error(
+                                "max_entries",
+                                f"the generation reached the cap of {self.settings.max_entries}"
+                                " entries",
+                            )
+                        self.seq += 1
+                        self._pending.append(
+                            (self.seq, "token", {"text": text}, time.time(), text)
+                        )
+                        self._wake.set()
+                        if len(self._pending) >= high_water:
+                            self._drained.clear()
+                            await self._drained.wait()
+                    case Usage(usage=usage):
+                        self._usage = usage
+                    case Finish(reason=reason):
+                        data: dict[str, Any] = {"finish_reason": reason}
+                        if self._usage is not None:
+                            data["usage"] = self._usage
+                        return ("done", data, reason)
+                    case UpstreamFailure(code=code, message=message):
+                        return _error(code, message)
+        return _error("upstream_incomplete", "the upstream stream ended without finishing")
+
+    async def _writer(self) -> None:
+        batch_size = self.settings.append_batch
+        while True:
+            if not self._pending:
+                if self._upstream_done:
+                    return
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            batch = self._pending[:batch_size]
+            result = await self.log.append(self.gid, self.owner, self.lease_ms, batch)
+            del self._pending[: len(batch)]
+            self._drained.set()
+            if result.cancel_requested:
+                raise CancelRequested
+
+
+def _error(code: str, message: str) -> Terminal:
+    return ("error", {"code": code, "message": message}, "error")
+

@@ -1,0 +1,45 @@
+"""Running the HTTP app under uvicorn, with shutdown wired to open event streams."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+
+import uvicorn
+
+from broker.api import create_app
+from broker.service import Broker
+from broker.settings import Settings
+
+
+class TokenteeServer(uvicorn.Server):
+    """uvicorn waits for open connections before it shuts the app down, and event streams
+    never close on their own.  Setting ``shutdown_event`` first makes them end (each with a
+    ``retry`` hint, so clients resume on another instance by ``Last-Event-ID``)."""
+
+    def __init__(self, config: uvicorn.Config, shutdown_event: asyncio.Event) -> None:
+        super().__init__(config)
+        self.shutdown_event = shutdown_event
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        self.shutdown_event.set()
+        await super().shutdown(sockets)
+
+
+def build_server(
+    settings: Settings, broker: Broker | None = None, *, log_level: str = "info",
+    access_log: bool = True,
+) -> TokenteeServer:
+    shutdown = asyncio.Event()
+    app = create_app(settings, broker=broker, shutdown=shutdown)
+    config = uvicorn.Config(
+        app, host=settings.host, port=settings.port, log_level=log_level,
+        access_log=access_log, lifespan="on",
+        timeout_graceful_shutdown=int(settings.shutdown_grace_seconds) + 5,
+    )
+    return TokenteeServer(config, shutdown)
+
+
+async def serve(settings: Settings) -> None:
+    """``tokentee serve``: the API until SIGINT/SIGTERM."""
+    await build_server(settings).serve()

@@ -1,0 +1,138 @@
+"""The broker: Redis, the log, the producers and the hub of one process, wired together.
+
+This is the Python API for services that produce or subscribe without HTTP, and what the
+HTTP app, the demo and the benchmark run on::
+
+    async with Broker.open(Settings()) as broker:
+        info = await broker.start(GenerationRequest(messages=[...]))
+        async for event in broker.events(info.id):
+            ...
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import redis.asyncio as aioredis
+
+from broker.connections import blocking_client, command_client
+from broker.embedded import embedded_redis
+from broker.errors import GenerationNotFound
+from broker.events import Event
+from broker.hub import Cursor, Hub
+from broker.keys import Keyspace
+from broker.log import GenerationLog, GenerationMeta
+from broker.manager import GenerationInfo, GenerationManager
+from broker.providers import ProviderRegistry
+from broker.providers.base import GenerationRequest
+from broker.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class GenerationState:
+    """A generation's status and the text it has produced so far."""
+
+    meta: GenerationMeta
+    text: str
+
+
+class Broker:
+    """One process's broker.  Build it with :meth:`open`; everything it starts is stopped
+    when that context exits (producers drained, hub and listeners cancelled and awaited,
+    connections closed, and an embedded Redis stopped)."""
+
+    def __init__(
+        self, settings: Settings, redis: aioredis.Redis, log: GenerationLog, hub: Hub,
+        manager: GenerationManager, url: str,
+    ) -> None:
+        self.settings = settings
+        self.redis = redis
+        self.log = log
+        self.hub = hub
+        self.manager = manager
+        self.url = url
+
+    @classmethod
+    @contextlib.asynccontextmanager
+    async def open(
+        cls, settings: Settings, *, redis_url: str | None = None,
+        providers: ProviderRegistry | None = None,
+    ) -> AsyncIterator[Broker]:
+        """Connect (or start an embedded Redis if no URL is configured) and run.
+
+        ``redis_url`` overrides ``settings.redis_url``.  ``providers`` defaults to the
+        registry built from the settings.
+        """
+        async with contextlib.AsyncExitStack() as stack:
+            url = redis_url or settings.redis_url
+            if url is None:
+                url = await stack.enter_async_context(embedded_redis())
+                logger.info("no REDIS_URL set: started an embedded redis-server at %s", url)
+            redis = command_client(url, settings)
+            stack.push_async_callback(redis.aclose)
+            await redis.ping()  # fail fast with a clear error if Redis is unreachable
+            hub_redis = blocking_client(url, settings)
+            stack.push_async_callback(hub_redis.aclose)
+            control_redis = blocking_client(url, settings)
+            stack.push_async_callback(control_redis.aclose)
+            registry = providers or ProviderRegistry.from_settings(settings)
+            stack.push_async_callback(registry.aclose)
+            log = GenerationLog(
+                redis, Keyspace(settings.key_prefix),
+                retention_seconds=settings.retention_seconds, max_entries=settings.max_entries,
+                catalog_maxlen=settings.catalog_maxlen, control_maxlen=settings.control_maxlen,
+            )
+            hub = await stack.enter_async_context(Hub(log, hub_redis, settings))
+            manager = await stack.enter_async_context(
+                GenerationManager(log, registry, settings, control_redis)
+            )
+            yield cls(settings, redis, log, hub, manager, url)
+
+    # --- producing --------------------------------------------------------------------------
+
+    async def start(
+        self, request: GenerationRequest, provider: str | None = None
+    ) -> GenerationInfo:
+        """Start a generation in this process (see :meth:`GenerationManager.start`)."""
+        return await self.manager.start(request, provider)
+
+    async def cancel(self, gid: str, reason: str = "requested") -> str:
+        """Cancel ``gid`` wherever its producer runs.  Returns the status after the request
+        (``running`` while the producer is stopping).  Raises ``GenerationNotFound``."""
+        status = await self.log.request_cancel(gid, reason)
+        if not status:
+            raise GenerationNotFound(gid)
+        # A local producer hears it through the control stream like any other; cancelling
+        # it directly as well saves that round trip.
+        self.manager.cancel_local(gid, reason)
+        return status
+
+    # --- reading ----------------------------------------------------------------------------
+
+    async def state(self, gid: str) -> GenerationState:
+        """Status and text so far.  Raises ``GenerationNotFound``."""
+        meta = await self.log.meta(gid)
+        if meta is None:
+            raise GenerationNotFound(gid)
+        return GenerationState(meta=meta, text=await self.log.text(gid))
+
+    def subscribe(
+        self, gid: str, after: int = 0
+    ) -> contextlib.AbstractAsyncContextManager[Cursor]:
+        """A cursor over ``gid`` after sequence number ``after`` (see :meth:`Hub.subscribe`)."""
+        return self.hub.subscribe(gid, after)
+
+    async def events(self, gid: str, after: int = 0) -> AsyncIterator[Event]:
+        """Every event of ``gid`` after ``after`` up to and including the terminal one.
+
+        Raises ``GenerationNotFound`` or ``InvalidResumePoint`` on the first iteration.
+        Breaking out of the loop (or cancelling) releases the subscription.
+        """
+        async with self.hub.subscribe(gid, after) as cursor:
+            async for event in cursor:
+                yield event

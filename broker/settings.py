@@ -1,0 +1,109 @@
+"""The one settings object.
+
+Built once at the edge (CLI, test fixture, embedding application) and passed down; nothing
+below this module reads the environment.  Every field can be set from the environment with
+the ``TOKENTEE_`` prefix; the few names that users already know from other tools
+(``REDIS_URL``, ``OPENAI_BASE_URL``, ``OPENAI_API_KEY``) are accepted without it.
+"""
+
+from __future__ import annotations
+
+import re
+
+from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+_PREFIX_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="TOKENTEE_", extra="ignore", frozen=True)
+
+    # --- Redis -------------------------------------------------------------------------
+    redis_url: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("TOKENTEE_REDIS_URL", "REDIS_URL", "redis_url"),
+        description="Redis to use. Unset: start a private embedded redis-server.",
+    )
+    key_prefix: str = Field(default="tokentee", description="Prefix of every Redis key.")
+    redis_max_connections: int = Field(default=64, ge=4)
+    block_ms: int = Field(
+        default=5_000, ge=100, description="BLOCK time of the hub's and listeners' XREADs."
+    )
+    redis_timeout_slack_seconds: float = Field(default=5.0, gt=0)
+
+    # --- generations -------------------------------------------------------------------
+    default_provider: str = "simulated"
+    default_model: str | None = None
+    retention_seconds: int = Field(
+        default=3_600, ge=1, description="TTL of a finished generation's keys."
+    )
+    max_entries: int = Field(
+        default=100_000, ge=2, description="Cap on entries per generation (runaway guard)."
+    )
+    max_generation_seconds: float = Field(
+        default=1_800.0, gt=0, description="Total deadline of one generation."
+    )
+    lease_seconds: float = Field(
+        default=10.0, gt=0, description="A producer that misses its lease this long is lost."
+    )
+    append_batch: int = Field(default=512, ge=1, description="Max entries per append call.")
+    catalog_maxlen: int = Field(default=100_000, ge=100)
+    control_maxlen: int = Field(default=10_000, ge=100)
+    shutdown_grace_seconds: float = Field(default=5.0, ge=0)
+
+    # --- SSE ---------------------------------------------------------------------------
+    heartbeat_seconds: float = Field(default=15.0, gt=0)
+    send_timeout_seconds: float = Field(default=30.0, gt=0)
+    client_queue_size: int = Field(
+        default=256, ge=1, description="Entries buffered per reader before it reads the log."
+    )
+    catchup_batch: int = Field(default=500, ge=1, description="XRANGE COUNT while catching up.")
+
+    # --- HTTP server -------------------------------------------------------------------
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65535)
+    public_url: str | None = Field(
+        default=None, description="Base URL used in events_url; default: the request's own."
+    )
+    max_body_bytes: int = Field(default=1_000_000, ge=1_024)
+
+    # --- upstream ----------------------------------------------------------------------
+    openai_base_url: str = Field(
+        default="https://api.openai.com/v1",
+        validation_alias=AliasChoices(
+            "TOKENTEE_OPENAI_BASE_URL", "OPENAI_BASE_URL", "openai_base_url"
+        ),
+    )
+    openai_api_key: SecretStr | None = Field(
+        default=None,
+        validation_alias=AliasChoices(
+            "TOKENTEE_OPENAI_API_KEY", "OPENAI_API_KEY", "openai_api_key"
+        ),
+    )
+    openai_model: str = "gpt-4o-mini"
+    upstream_connect_timeout: float = Field(default=10.0, gt=0)
+    upstream_read_timeout: float = Field(default=60.0, gt=0)
+    upstream_max_line_bytes: int = Field(default=1_048_576, ge=1_024)
+
+    @field_validator("key_prefix")
+    @classmethod
+    def _check_prefix(cls, value: str) -> str:
+        if not _PREFIX_RE.match(value) or "{" in value or "}" in value:
+            raise ValueError("key_prefix must be 1-64 characters of [A-Za-z0-9_.:-]")
+        return value
+
+    @model_validator(mode="after")
+    def _check_timeouts(self) -> Settings:
+        if self.heartbeat_seconds >= self.send_timeout_seconds * 10:
+            raise ValueError("heartbeat_seconds is far above send_timeout_seconds")
+        return self
+
+    @property
+    def redis_socket_timeout(self) -> float:
+        """Socket timeout for every Redis connection: above the BLOCK time, never None.
+
+        redis-py raises ``TimeoutError`` when a blocking read outlives the socket timeout,
+        and ``None`` would let a half-open socket hang forever.
+        """
+        return self.block_ms / 1000 + self.redis_timeout_slack_seconds

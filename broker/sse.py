@@ -1,0 +1,150 @@
+"""Server-Sent Events out: framing, resume ids, and the streaming response.
+
+The response is a plain ASGI callable rather than sse-starlette's ``EventSourceResponse``
+because the relay's behaviour is the product here: it drives a hub cursor, races end of stream
+against client disconnect and server shutdown in one place (see ARCHITECTURE.md), batches the
+events a cursor already holds into one write, and must not depend on sse-starlette's
+process-global shutdown flag and uvicorn monkey-patch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+from typing import Any
+
+from redis.exceptions import RedisError
+from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
+
+from broker.events import Event
+from broker.hub import Cursor
+
+logger = logging.getLogger(__name__)
+
+SSE_HEADERS: list[tuple[bytes, bytes]] = [
+    (b"content-type", b"text/event-stream; charset=utf-8"),
+    (b"cache-control", b"no-cache"),
+    (b"x-accel-buffering", b"no"),
+]
+
+_RESUME_RE = re.compile(r"^[0-9]{1,18}$")
+# Characters some line splitters (Python's str.splitlines, some JS libraries) treat as line
+# ends although SSE does not.  JSON escapes every control character below U+0020 already.
+_EXTRA_LINE_BREAKS = str.maketrans({"\u0085": "\\u0085", "\u2028": "\\u2028",
+                                    "\u2029": "\\u2029"})
+
+
+def parse_resume_id(value: str | None) -> int | None:
+    """The sequence number in a ``Last-Event-ID`` header or ``after`` parameter.
+
+    ``None`` or empty means "from the start".  Anything but 1-18 ASCII digits raises
+    ``ValueError`` (the API answers 400); the value is never passed to Redis as given.
+    """
+    if value is None or value == "":
+        return None
+    if not _RESUME_RE.match(value):
+        raise ValueError("a resume id must be the decimal id of an event of this stream")
+    return int(value)
+
+
+def encode_event(event: Event) -> bytes:
+    """One SSE frame.  ``data`` is compact JSON on a single line: token text with CR/LF can
+    never start a new field or event."""
+    data = event.json_data().translate(_EXTRA_LINE_BREAKS)
+    return f"id: {event.seq}\nevent: {event.type}\ndata: {data}\n\n".encode()
+
+
+def comment(text: str) -> bytes:
+    return f": {text.replace(chr(13), ' ').replace(chr(10), ' ')}\n\n".encode()
+
+
+class EventStreamResponse(Response):
+    """Streams a cursor to one client as ``text/event-stream``.
+
+    Three things race; the first to finish cancels the others:
+
+    - the stream: events (plus a heartbeat comment after ``heartbeat`` seconds of silence)
+      until the terminal event; every send is bounded by ``send_timeout`` so a frozen client
+      cannot hold the task;
+    - the client's disconnect (``http.disconnect``);
+    - the server's shutdown event: the response ends with a ``retry`` hint and the client
+      resumes elsewhere by ``Last-Event-ID``.
+
+    ``release`` (the cursor's subscription) is closed in every case, so a client that goes
+    away frees everything it held at once.
+    """
+
+    def __init__(
+        self, cursor: Cursor, release: contextlib.AsyncExitStack, *, heartbeat: float,
+        send_timeout: float, shutdown: asyncio.Event,
+    ) -> None:
+        super().__init__(status_code=200, media_type="text/event-stream")
+        self.cursor = cursor
+        self.release = release
+        self.heartbeat = heartbeat
+        self.send_timeout = send_timeout
+        self.shutdown = shutdown
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
+            # A comment right away: proxies and Starlette-style middlewares hold the headers
+            # back until the first body chunk, and the client learns it is connected.
+            await self._send(send, comment("tokentee stream"))
+            stream = asyncio.create_task(self._stream(send), name="sse-stream")
+            disconnect = asyncio.create_task(_wait_disconnect(receive), name="sse-disconnect")
+            shutdown = asyncio.create_task(self.shutdown.wait(), name="sse-shutdown")
+            tasks = {stream, disconnect, shutdown}
+            try:
+                done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for task in tasks:
+                    task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+            if stream in done and not stream.cancelled() and stream.exception() is not None:
+                raise stream.exception()  # type: ignore[misc]
+            if disconnect in done:
+                return
+            if shutdown in done and stream not in done:
+                await self._send(send, b": server shutting down\nretry: 1000\n\n")
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        except (TimeoutError, OSError) as exc:
+            # A client that stopped reading (send timeout) or vanished mid-write.
+            logger.info("SSE client of %s dropped: %r", self.cursor.gid, exc)
+        except RedisError as exc:
+            # End without the closing chunk: the client sees a broken stream and resumes.
+            logger.warning("SSE stream of %s aborted, Redis failed: %s", self.cursor.gid, exc)
+        finally:
+            await self.release.aclose()
+
+    async def _send(self, send: Send, body: bytes) -> None:
+        async with asyncio.timeout(self.send_timeout):
+            await send({"type": "http.response.body", "body": body, "more_body": True})
+
+    async def _stream(self, send: Send) -> None:
+        cursor = self.cursor
+        while True:
+            try:
+                async with asyncio.timeout(self.heartbeat):
+                    event = await anext(cursor)
+            except TimeoutError:
+                await self._send(send, comment("keep-alive"))
+                continue
+            except StopAsyncIteration:
+                return
+            # Whatever else the cursor already holds goes out in the same write.
+            chunk = [encode_event(event)]
+            chunk += [encode_event(e) for e in cursor.ready()]
+            await self._send(send, b"".join(chunk))
+            if cursor.finished:
+                return
+
+
+async def _wait_disconnect(receive: Receive) -> None:
+    while True:
+        message: dict[str, Any] = await receive()
+        if message["type"] == "http.disconnect":
+            return

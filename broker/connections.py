@@ -17,6 +17,7 @@ never hands a connection with an unread reply to the next user (CVE-2023-28858 c
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -51,3 +52,20 @@ def blocking_client(url: str, settings: Settings) -> aioredis.Redis:
         url, max_connections=1, timeout=30, **_common(url, settings)
     )
     return aioredis.Redis.from_pool(pool)
+
+
+def raise_if_cancelled() -> None:
+    """Re-raise a cancellation that redis-py swallowed.
+
+    On Python 3.11 ``asyncio.wait_for`` returns the inner result instead of raising when the
+    caller is cancelled just as the inner call completes (CPython gh-86296, fixed in 3.12),
+    and redis-py sends every command through ``wait_for`` when a socket timeout is set.  A
+    task cancelled at that moment would go on as if nothing happened, and a loop that is
+    only ever left by cancellation (the hub's reader, a cursor) would never end.  Call this
+    after Redis awaits in such loops: the pending cancellation still shows in
+    ``Task.cancelling()``.  Not for code that deliberately handles a cancellation and then
+    goes on using Redis (a producer writing its ``cancelled`` entry).
+    """
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError

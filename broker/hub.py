@@ -35,16 +35,18 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator
 from types import TracebackType
+from typing import Any, cast
 
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from broker.connections import raise_if_cancelled
 from broker.errors import GenerationNotFound, InvalidResumePoint
 from broker.events import Event, decode_entry
 from broker.keys import entry_id, seq_of
-from broker.log import GenerationLog, StreamEntry
+from broker.log import GenerationLog, StreamEntry, XReadReply
 from broker.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -112,6 +114,7 @@ class Cursor:
                 raise StopAsyncIteration
             if self._behind:
                 await self._catch_up()
+                raise_if_cancelled()
                 continue
             self._wake.clear()
             await self._wake.wait()
@@ -325,6 +328,7 @@ class Hub:
     async def _reader(self) -> None:
         backoff = 0.1
         while True:
+            raise_if_cancelled()
             try:
                 await self._read_once()
                 backoff = 0.1
@@ -335,16 +339,16 @@ class Hub:
                 backoff = min(backoff * 2, 5.0)
 
     async def _read_once(self) -> None:
-        names: dict[bytes | str, str] = {self._wake_key: self._wake_last}
+        names: dict[Any, Any] = {self._wake_key: self._wake_last}
         for key, stream in self._by_key.items():
             names[key] = entry_id(stream.head)
         # Building ``names`` and setting ``_blocked`` happen with no await in between, so a
         # stream attached after this point finds ``_blocked`` set and wakes the read.
         self._blocked = True
         try:
-            reply = await self._block_redis.xread(
+            reply = cast(XReadReply | None, await self._block_redis.xread(
                 names, block=self.settings.block_ms, count=self.settings.catchup_batch
-            )
+            ))
         finally:
             self._blocked = False
         self.reads += 1
@@ -352,9 +356,9 @@ class Hub:
             if key == self._wake_key.encode():
                 self._wake_last = entries[-1][0].decode()
                 continue
-            stream = self._by_key.get(key)
-            if stream is not None:
-                self._dispatch(stream, entries)
+            target = self._by_key.get(key)
+            if target is not None:
+                self._dispatch(target, entries)
 
     def _dispatch(self, stream: _Stream, entries: list[StreamEntry]) -> None:
         events = [
@@ -377,6 +381,7 @@ class Hub:
     async def _reaper(self) -> None:
         interval = self.settings.lease_seconds
         while True:
+            raise_if_cancelled()
             await asyncio.sleep(interval)  # a periodic liveness check, not a data poll
             now = time.monotonic()
             quiet = [

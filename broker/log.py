@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import redis.asyncio as aioredis
 
@@ -30,6 +30,7 @@ logger = logging.getLogger(__name__)
 
 # Reply shapes (RESP2, bytes) of the stream commands we use.
 StreamEntry = tuple[bytes, dict[bytes, bytes]]
+XReadReply = list[tuple[bytes, list[StreamEntry]]]
 
 _APPEND = """
 local status = redis.call('HGET', KEYS[2], 'status')
@@ -119,7 +120,7 @@ class AppendResult:
     cancel_requested: bool
 
 
-class GenerationFenced(Exception):  # noqa: N818 - a state, not a failure of ours
+class GenerationFenced(Exception):
     """The generation is no longer ours to write: it finished, or another producer leads it."""
 
 
@@ -252,7 +253,7 @@ class GenerationLog:
     # --- reading ---------------------------------------------------------------------------
 
     async def meta(self, gid: str) -> GenerationMeta | None:
-        raw: dict[bytes, bytes] = await self.redis.hgetall(self.keys(gid).meta)  # type: ignore[misc]
+        raw = cast(dict[bytes, bytes], await self.redis.hgetall(self.keys(gid).meta))
         if not raw:
             return None
         d = {k.decode(): v.decode() for k, v in raw.items()}
@@ -273,14 +274,14 @@ class GenerationLog:
         )
 
     async def text(self, gid: str) -> str:
-        raw = await self.redis.get(self.keys(gid).text)
+        raw = cast(bytes | None, await self.redis.get(self.keys(gid).text))
         return raw.decode() if raw else ""
 
     async def read(self, gid: str, after: int, count: int) -> list[Event]:
         """Up to ``count`` entries with ``seq > after``, in order (non-blocking XRANGE)."""
-        raw: list[StreamEntry] = await self.redis.xrange(
+        raw = cast(list[StreamEntry], await self.redis.xrange(
             self.keys(gid).log, min=entry_id(after + 1), max="+", count=count
-        )
+        ))
         return [decode_entry(seq_of(eid), fields) for eid, fields in raw]
 
     async def lease_alive(self, gids: list[str]) -> list[bool]:

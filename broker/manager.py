@@ -13,13 +13,15 @@ import logging
 import secrets
 from dataclasses import dataclass
 from types import TracebackType
+from typing import cast
 
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from broker.connections import raise_if_cancelled
 from broker.keys import new_generation_id
-from broker.log import GenerationLog
+from broker.log import GenerationLog, StreamEntry, XReadReply
 from broker.producer import Producer
 from broker.providers import ProviderRegistry
 from broker.providers.base import GenerationRequest
@@ -55,7 +57,9 @@ class GenerationManager:
     async def __aenter__(self) -> GenerationManager:
         # Resolve the control stream's current end before accepting work, so a cancel
         # posted after start() returned can never fall between two reads.
-        last = await self._control_redis.xrevrange(self.log.keyspace.control, count=1)
+        last = cast(list[StreamEntry], await self._control_redis.xrevrange(
+            self.log.keyspace.control, count=1
+        ))
         start_id = last[0][0].decode() if last else "0-0"
         self._background = [
             asyncio.create_task(self._follow_control(start_id), name="tokentee-control"),
@@ -127,10 +131,11 @@ class GenerationManager:
         """Blocking read of the control stream: act on cancels for local producers."""
         key = self.log.keyspace.control
         while True:
+            raise_if_cancelled()
             try:
-                reply = await self._control_redis.xread(
+                reply = cast(XReadReply, await self._control_redis.xread(
                     {key: last_id}, block=self.settings.block_ms, count=100
-                )
+                ))
             except (RedisConnectionError, RedisTimeoutError) as exc:
                 logger.warning("control stream read failed (%s); reconnecting", exc)
                 await asyncio.sleep(0.5)  # back off before reconnecting, not a data poll
@@ -149,6 +154,7 @@ class GenerationManager:
         interval = self.settings.lease_seconds / 3
         lease_ms = int(self.settings.lease_seconds * 1000)
         while True:
+            raise_if_cancelled()
             await asyncio.sleep(interval)
             gids = list(self._producers)
             if not gids:

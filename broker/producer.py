@@ -35,7 +35,7 @@ Terminal = tuple[str, dict[str, Any], str]
 PendingEntry = tuple[int, str, dict[str, Any], float, str]
 
 
-class CancelRequested(Exception):  # noqa: N818 - a signal, raised inside the producer only
+class CancelRequested(Exception):
     """The log reported a cancel request (fallback to the control stream)."""
 
 

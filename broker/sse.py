@@ -13,7 +13,6 @@ import asyncio
 import contextlib
 import logging
 import re
-from typing import Any
 
 from redis.exceptions import RedisError
 from starlette.responses import Response
@@ -145,6 +144,6 @@ class EventStreamResponse(Response):
 
 async def _wait_disconnect(receive: Receive) -> None:
     while True:
-        message: dict[str, Any] = await receive()
+        message = await receive()
         if message["type"] == "http.disconnect":
             return

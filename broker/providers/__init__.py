@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
+
 from broker.errors import UnknownProvider
 from broker.providers.base import GenerationRequest, Provider
 from broker.providers.simulated import SimulatedProvider

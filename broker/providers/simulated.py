@@ -21,11 +21,12 @@ from broker.events import Finish, ProviderEvent, TextDelta, UpstreamFailure, Usa
 from broker.providers.base import GenerationRequest
 
 _TOKEN_RE = re.compile(r"\s*\S+|\s+$")
-_WORDS = (
+_PROSE = (
     "the broker reads the stream once and every reader gets every token in order ."
     " a late joiner replays from the start , and a reader that drops resumes where it left"
     " off . slow readers read the log at their own pace , so nobody waits for anybody ."
-).split()
+)
+_WORDS = re.findall(r"\S+", _PROSE)
 _ALLOWED = frozenset({"text", "max_tokens", "tokens_per_second", "fail_after"})
 MAX_SIMULATED_TOKENS = 1_000_000
 

@@ -1,0 +1,191 @@
+"""Fan-out through the hub (the Python API), against a real Redis."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import redis.asyncio as aioredis
+
+from broker.errors import GenerationNotFound, InvalidResumePoint
+from broker.events import Event
+from broker.providers.base import GenerationRequest
+from broker.service import Broker
+from broker.settings import Settings
+from tests.conftest import make_settings
+
+
+def request(**params: object) -> GenerationRequest:
+    return GenerationRequest(messages=[{"role": "user", "content": "hi"}], params=dict(params))
+
+
+async def collect(broker: Broker, gid: str, after: int = 0) -> list[Event]:
+    return [e async for e in broker.events(gid, after)]
+
+
+def check_complete(events: list[Event], tokens: int) -> None:
+    assert [e.seq for e in events] == list(range(1, tokens + 2))
+    assert [e.type for e in events[:-1]] == ["token"] * tokens
+    assert events[-1].type == "done"
+
+
+async def test_identical_delivery_to_many_readers_including_late_joiner(broker: Broker) -> None:
+    info = await broker.start(request(max_tokens=60, tokens_per_second=300))
+    readers = [asyncio.create_task(collect(broker, info.id)) for _ in range(5)]
+    # A late joiner: subscribes once a third of the tokens are in the log.
+    async with broker.subscribe(info.id) as first:
+        async for event in first:
+            if event.seq == 20:
+                break
+    late = asyncio.create_task(collect(broker, info.id))
+    results = await asyncio.gather(*readers, late)
+    for events in results:
+        check_complete(events, 60)
+        assert events == results[0]
+    state = await broker.state(info.id)
+    assert state.text == "".join(e.text for e in results[0])
+    assert state.meta.status == "done"
+
+
+async def test_resume_after_id_has_no_gap_and_no_duplicate(broker: Broker) -> None:
+    info = await broker.start(request(max_tokens=50, tokens_per_second=500))
+    first: list[Event] = []
+    async with broker.subscribe(info.id) as cursor:
+        async for event in cursor:
+            first.append(event)
+            if event.seq == 17:
+                break
+    rest = await collect(broker, info.id, after=first[-1].seq)
+    check_complete(first + rest, 50)
+
+
+async def test_resume_points_are_validated(broker: Broker) -> None:
+    info = await broker.start(request(max_tokens=3, tokens_per_second=0))
+    events = await collect(broker, info.id)
+    assert events[-1].type == "done"
+    with pytest.raises(InvalidResumePoint):
+        await collect(broker, info.id, after=events[-1].seq + 1)
+    with pytest.raises(InvalidResumePoint):
+        await collect(broker, info.id, after=-1)
+    assert await collect(broker, info.id, after=events[-1].seq) == []
+    with pytest.raises(GenerationNotFound):
+        await collect(broker, "gdoesnotexist")
+
+
+async def test_slow_reader_falls_back_to_the_log_and_others_are_not_held(
+    redis_url: str,
+) -> None:
+    settings = make_settings(redis_url, client_queue_size=4, catchup_batch=7)
+    async with Broker.open(settings) as broker:
+        info = await broker.start(request(max_tokens=200, tokens_per_second=0))
+        async with broker.subscribe(info.id) as slow:
+            # The slow reader takes one event, then stops reading while the others finish.
+            assert (await anext(slow)).seq == 1
+            fast = await asyncio.gather(*(collect(broker, info.id) for _ in range(3)))
+            for events in fast:
+                check_complete(events, 200)
+            # Its buffer never grew past the bound; it now reads the rest from the log.
+            assert len(slow._buffer) <= 4 + 7
+            rest = [e async for e in slow]
+        check_complete([fast[0][0], *rest], 200)
+        assert rest == fast[0][1:]
+
+
+async def test_trimmed_entries_are_reported_as_a_gap(broker: Broker) -> None:
+    info = await broker.start(request(max_tokens=30, tokens_per_second=0))
+    events = await collect(broker, info.id)
+    await broker.redis.xtrim(broker.log.keys(info.id).log, minid="0-11", approximate=False)
+    replay = await collect(broker, info.id)
+    assert replay[0].type == "gap"
+    assert replay[0].data == {"first_missing": 1, "last_missing": 10}
+    assert replay[0].seq == 10
+    assert replay[1:] == events[10:]
+
+
+async def test_upstream_error_mid_stream_ends_with_error(broker: Broker) -> None:
+    info = await broker.start(request(max_tokens=30, tokens_per_second=0, fail_after=7))
+    events = await collect(broker, info.id)
+    assert [e.type for e in events] == ["token"] * 7 + ["error"]
+    assert events[-1].data["code"] == "upstream_error"
+    assert (await broker.state(info.id)).meta.status == "error"
+
+
+async def test_max_entries_caps_a_runaway_generation(redis_url: str) -> None:
+    settings = make_settings(redis_url, max_entries=10)
+    async with Broker.open(settings) as broker:
+        info = await broker.start(request(max_tokens=100, tokens_per_second=0))
+        events = await collect(broker, info.id)
+    assert [e.type for e in events] == ["token"] * 9 + ["error"]
+    assert events[-1].data["code"] == "max_entries"
+
+
+async def test_cancel_from_another_process_reaches_the_producer(
+    broker: Broker, settings: Settings
+) -> None:
+    # A second broker on the same Redis stands in for another process: it has no local
+    # producer, so the cancel can only arrive through Redis.
+    async with Broker.open(settings) as other:
+        info = await broker.start(request(max_tokens=10_000, tokens_per_second=200))
+        events: list[Event] = []
+        async for event in other.events(info.id):
+            events.append(event)
+            if event.seq == 3:
+                assert await other.cancel(info.id) == "running"
+        assert events[-1].type == "cancelled"
+        assert events[-1].data == {"reason": "requested"}
+        assert [e.type for e in events[:-1]] == ["token"] * (len(events) - 1)
+        await broker.manager.wait(info.id)
+        assert broker.manager.active == []
+        assert (await other.state(info.id)).meta.status == "cancelled"
+
+
+async def test_orphaned_generation_is_reaped(redis_url: str) -> None:
+    settings = make_settings(redis_url, lease_seconds=0.5)
+    async with Broker.open(settings) as broker:
+        # A generation whose producer died right after creating it: the lease runs out.
+        await broker.log.create("gorphaned01", provider="simulated", model="m", owner="dead",
+                                lease_ms=300, ttl_seconds=60)
+        events = await collect(broker, "gorphaned01")
+    assert [e.type for e in events] == ["error"]
+    assert events[0].data["code"] == "producer_lost"
+
+
+async def test_shutdown_cancels_running_producers(redis_url: str) -> None:
+    settings = make_settings(redis_url, shutdown_grace_seconds=0.0)
+    async with Broker.open(settings) as broker:
+        info = await broker.start(request(max_tokens=10_000, tokens_per_second=50))
+        log = broker.log
+    client = aioredis.from_url(redis_url)
+    try:
+        entries = await client.xrange(log.keys(info.id).log)
+    finally:
+        await client.aclose()
+    assert entries[-1][1][b"type"] == b"cancelled"
+    assert b"shutdown" in entries[-1][1][b"data"]
+
+
+async def test_no_leaks_after_readers_leave(broker: Broker) -> None:
+    baseline = len(asyncio.all_tasks())
+    info = await broker.start(request(max_tokens=10_000, tokens_per_second=100))
+    readers = []
+    started = asyncio.Event()
+    count = 0
+
+    async def reader() -> None:
+        nonlocal count
+        async for _event in broker.events(info.id):
+            count += 1
+            if count >= 20:
+                started.set()
+
+    readers = [asyncio.create_task(reader()) for _ in range(20)]
+    await started.wait()
+    assert broker.hub.cursor_count == 20
+    for task in readers:
+        task.cancel()
+    await asyncio.gather(*readers, return_exceptions=True)
+    assert broker.hub.cursor_count == 0
+    assert broker.hub.stream_count == 0
+    await broker.cancel(info.id)
+    await broker.manager.wait(info.id)
+    assert len(asyncio.all_tasks()) == baseline

@@ -133,6 +133,11 @@ class Cursor:
 
     async def _catch_up(self) -> None:
         stream = self._stream
+        # What the hub knew *before* the read: only entries the hub had seen before we asked
+        # can be judged missing from an empty reply; newer ones may have been appended after
+        # the read was served, and the next round reads them.
+        head_before = stream.head
+        terminal_before = stream.terminal_seq
         events = await self._hub.log.read(stream.gid, self.last, self._hub.settings.catchup_batch)
         if events:
             first = events[0].seq
@@ -141,21 +146,23 @@ class Cursor:
             self._buffer.extend(events)
             self._tail = events[-1].seq
             return
-        # The log holds nothing after ``last``.  If the hub has seen more, those entries are
-        # gone (trimmed or expired): say so instead of waiting for them.
-        if stream.head > self.last:
-            if stream.terminal_seq is not None:
+        # The log holds nothing after ``last``.  If the hub had seen more before we asked,
+        # those entries are gone (trimmed or expired): say so instead of waiting for them.
+        if head_before > self.last:
+            if terminal_before is not None:
                 # The terminal entry is gone too: end the reader explicitly.
-                if stream.head - 1 > self.last:
-                    self._buffer.append(_gap(self.last + 1, stream.head - 1))
+                if head_before - 1 > self.last:
+                    self._buffer.append(_gap(self.last + 1, head_before - 1))
                 self._buffer.append(Event(
-                    seq=stream.head, type="error",
+                    seq=head_before, type="error",
                     data={"code": "log_lost", "message": "the rest of this log is gone"},
                 ))
             else:
-                self._buffer.append(_gap(self.last + 1, stream.head))
-            self._tail = stream.head
+                self._buffer.append(_gap(self.last + 1, head_before))
+            self._tail = head_before
             return
+        if stream.head > self.last:
+            return  # the hub saw new entries while we read: read again
         if stream.terminal_seq is not None and self.last >= stream.terminal_seq:
             self._done = True
             return
@@ -208,6 +215,8 @@ class Hub:
         self._preparing: dict[str, asyncio.Future[_Stream]] = {}
         self._blocked = False
         self._tasks: list[asyncio.Task[None]] = []
+        self.idle = asyncio.Event()  # set while no cursor is open in this process
+        self.idle.set()
         self.reads = 0  # XREAD calls issued (for benchmarks)
 
     async def __aenter__(self) -> Hub:
@@ -259,6 +268,7 @@ class Hub:
                 break
         cursor = Cursor(self, stream, after, self.settings.client_queue_size)
         stream.cursors.add(cursor)  # before any await, so the stream cannot be released
+        self.idle.clear()
         try:
             if after > stream.head:
                 # The hub's head can trail the log by one read; ask the log before refusing.
@@ -309,6 +319,8 @@ class Hub:
     def _release(self, stream: _Stream) -> None:
         if stream.cursors:
             return
+        if not any(s.cursors for s in self._streams.values()):
+            self.idle.set()
         if self._streams.get(stream.gid) is stream:
             del self._streams[stream.gid]
         if self._by_key.get(stream.log_key.encode()) is stream:

@@ -26,7 +26,9 @@ class Settings(BaseSettings):
         description="Redis to use. Unset: start a private embedded redis-server.",
     )
     key_prefix: str = Field(default="tokentee", description="Prefix of every Redis key.")
-    redis_max_connections: int = Field(default=64, ge=4)
+    redis_max_connections: int = Field(
+        default=16, ge=2, description="Shared command pool size (blocking readers excluded)."
+    )
     block_ms: int = Field(
         default=5_000, ge=100, description="BLOCK time of the hub's and listeners' XREADs."
     )

@@ -189,3 +189,55 @@ async def test_no_leaks_after_readers_leave(broker: Broker) -> None:
     await broker.cancel(info.id)
     await broker.manager.wait(info.id)
     assert len(asyncio.all_tasks()) == baseline
+
+
+async def test_readers_joining_and_resuming_at_random_points_see_no_gap(
+    redis_url: str,
+) -> None:
+    """The seam between catch-up (XRANGE) and live delivery, hit many times while the
+    producer is writing fast.  A spurious ``gap`` or a duplicate fails the test."""
+    import random
+
+    rng = random.Random(20261124)
+    settings = make_settings(redis_url, client_queue_size=16, catchup_batch=50)
+    tokens = 1500
+    async with Broker.open(settings) as broker:
+        info = await broker.start(request(max_tokens=tokens, tokens_per_second=3000))
+        progress = asyncio.Condition()
+        seen = 0
+
+        async def pacer() -> None:
+            nonlocal seen
+            async for event in broker.events(info.id):
+                async with progress:
+                    seen = event.seq
+                    progress.notify_all()
+
+        async def wait_for(seq: int) -> None:
+            async with progress:
+                await progress.wait_for(lambda: seen >= seq)
+
+        async def reader(join_at: int, drop_at: int | None) -> list[Event]:
+            await wait_for(join_at)
+            out: list[Event] = []
+            async with broker.subscribe(info.id) as cursor:
+                async for event in cursor:
+                    out.append(event)
+                    if drop_at is not None and event.seq >= drop_at:
+                        break
+            if drop_at is not None:
+                await wait_for(min(drop_at + rng.randint(1, 200), tokens))
+                out += [e async for e in broker.events(info.id, out[-1].seq)]
+            return out
+
+        pacing = asyncio.create_task(pacer())
+        plans = []
+        for _ in range(40):
+            join = rng.randint(0, tokens - 1)
+            drop = rng.choice([None, rng.randint(1, tokens)])
+            plans.append(reader(join, drop))
+        results = await asyncio.gather(*plans)
+        await pacing
+    for events in results:
+        assert [e.type for e in events if e.type == "gap"] == []
+        check_complete(events, tokens)

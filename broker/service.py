@@ -29,6 +29,7 @@ from broker.manager import GenerationInfo, GenerationManager
 from broker.providers import ProviderRegistry
 from broker.providers.base import GenerationRequest
 from broker.settings import Settings
+from consumers.catalog import Announcement, follow_catalog
 
 logger = logging.getLogger(__name__)
 
@@ -126,6 +127,19 @@ class Broker:
     ) -> contextlib.AbstractAsyncContextManager[Cursor]:
         """A cursor over ``gid`` after sequence number ``after`` (see :meth:`Hub.subscribe`)."""
         return self.hub.subscribe(gid, after)
+
+    async def generations(self, after: str = "$") -> AsyncIterator[Announcement]:
+        """Every generation announced on the catalog after position ``after`` (``"$"``: from
+        now on, ``"0"``: all that are kept), from any broker process, forever.  Holds one
+        dedicated Redis connection while iterating."""
+        client = blocking_client(self.url, self.settings)
+        try:
+            async for announcement in follow_catalog(
+                client, self.log.keyspace, after=after, block_ms=self.settings.block_ms
+            ):
+                yield announcement
+        finally:
+            await client.aclose()
 
     async def events(self, gid: str, after: int = 0) -> AsyncIterator[Event]:
         """Every event of ``gid`` after ``after`` up to and including the terminal one.

@@ -25,8 +25,10 @@ import redis.asyncio as aioredis
 from broker.settings import Settings
 
 
-def _common(url: str, settings: Settings) -> dict[str, Any]:
+def _common(url: str, settings: Settings, role: str) -> dict[str, Any]:
     options: dict[str, Any] = {
+        # Named connections: ``CLIENT LIST`` shows which broker role holds which connection.
+        "client_name": f"{settings.key_prefix}:{role}",
         "socket_timeout": settings.redis_socket_timeout,
         "socket_connect_timeout": 10.0,
         "protocol": 2,
@@ -41,15 +43,16 @@ def _common(url: str, settings: Settings) -> dict[str, Any]:
 def command_client(url: str, settings: Settings) -> aioredis.Redis:
     """The shared client for non-blocking commands (waits for a free pooled connection)."""
     pool = aioredis.BlockingConnectionPool.from_url(
-        url, max_connections=settings.redis_max_connections, timeout=30, **_common(url, settings)
+        url, max_connections=settings.redis_max_connections, timeout=30,
+        **_common(url, settings, "commands"),
     )
     return aioredis.Redis.from_pool(pool)
 
 
-def blocking_client(url: str, settings: Settings) -> aioredis.Redis:
+def blocking_client(url: str, settings: Settings, role: str = "reader") -> aioredis.Redis:
     """A client with exactly one connection, for one long blocking reader."""
     pool = aioredis.BlockingConnectionPool.from_url(
-        url, max_connections=1, timeout=30, **_common(url, settings)
+        url, max_connections=1, timeout=30, **_common(url, settings, role)
     )
     return aioredis.Redis.from_pool(pool)
 

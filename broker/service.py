@@ -77,9 +77,9 @@ class Broker:
             redis = command_client(url, settings)
             stack.push_async_callback(redis.aclose)
             await redis.ping()  # fail fast with a clear error if Redis is unreachable
-            hub_redis = blocking_client(url, settings)
+            hub_redis = blocking_client(url, settings, "hub")
             stack.push_async_callback(hub_redis.aclose)
-            control_redis = blocking_client(url, settings)
+            control_redis = blocking_client(url, settings, "control")
             stack.push_async_callback(control_redis.aclose)
             registry = providers or ProviderRegistry.from_settings(settings)
             stack.push_async_callback(registry.aclose)
@@ -132,7 +132,7 @@ class Broker:
         """Every generation announced on the catalog after position ``after`` (``"$"``: from
         now on, ``"0"``: all that are kept), from any broker process, forever.  Holds one
         dedicated Redis connection while iterating."""
-        client = blocking_client(self.url, self.settings)
+        client = blocking_client(self.url, self.settings, "catalog")
         try:
             async for announcement in follow_catalog(
                 client, self.log.keyspace, after=after, block_ms=self.settings.block_ms

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 
-from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
+from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 _PREFIX_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
@@ -94,12 +94,6 @@ class Settings(BaseSettings):
         if not _PREFIX_RE.match(value) or "{" in value or "}" in value:
             raise ValueError("key_prefix must be 1-64 characters of [A-Za-z0-9_.:-]")
         return value
-
-    @model_validator(mode="after")
-    def _check_timeouts(self) -> Settings:
-        if self.heartbeat_seconds >= self.send_timeout_seconds * 10:
-            raise ValueError("heartbeat_seconds is far above send_timeout_seconds")
-        return self
 
     @property
     def redis_socket_timeout(self) -> float:

@@ -18,14 +18,21 @@ from broker.server import build_server
 from broker.service import Broker
 from broker.settings import Settings
 
+# Every key a test run makes starts with this run's prefix, so a shared server
+# (TOKENTEE_TEST_REDIS_URL) is cleaned by prefix at the end and never flushed.
+RUN_PREFIX = f"tt-test-{secrets.token_hex(3)}"
+
 
 @pytest.fixture(scope="session")
 def redis_url() -> Iterator[str]:
-    """``TOKENTEE_TEST_REDIS_URL`` if set (never flushed: tests use their own key prefix),
-    else a private redis-server that the suite starts and stops."""
+    """``TOKENTEE_TEST_REDIS_URL`` if set, else a private redis-server that the suite starts
+    and stops."""
     url = os.environ.get("TOKENTEE_TEST_REDIS_URL")
     if url:
-        yield url
+        try:
+            yield url
+        finally:
+            asyncio.run(delete_prefix(url, RUN_PREFIX, pattern=f"{RUN_PREFIX}-*"))
         return
     server = EmbeddedRedisProcess()
     try:
@@ -37,7 +44,7 @@ def redis_url() -> Iterator[str]:
 def make_settings(redis_url: str, **overrides: object) -> Settings:
     values: dict[str, object] = {
         "redis_url": redis_url,
-        "key_prefix": f"tt-test-{secrets.token_hex(5)}",
+        "key_prefix": f"{RUN_PREFIX}-{secrets.token_hex(4)}",
         "block_ms": 2_000,
         "lease_seconds": 3.0,
         "shutdown_grace_seconds": 1.0,
@@ -54,11 +61,11 @@ async def settings(redis_url: str) -> AsyncIterator[Settings]:
     await delete_prefix(redis_url, s.key_prefix)
 
 
-async def delete_prefix(redis_url: str, prefix: str) -> None:
+async def delete_prefix(redis_url: str, prefix: str, pattern: str | None = None) -> None:
     """Remove the keys a test made (by prefix); the server itself is never flushed."""
     client = aioredis.from_url(redis_url)
     try:
-        async for key in client.scan_iter(match=f"{prefix}:*", count=1000):
+        async for key in client.scan_iter(match=pattern or f"{prefix}:*", count=1000):
             await client.unlink(key)
     finally:
         await client.aclose()

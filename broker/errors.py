@@ -27,6 +27,10 @@ class ProviderConfigError(TokenteeError, ValueError):
     """A provider cannot run with the given settings or request parameters."""
 
 
+class ShuttingDown(TokenteeError, RuntimeError):
+    """This process is draining and starts no new generations."""
+
+
 class EmbeddedRedisError(TokenteeError, RuntimeError):
     """The embedded redis-server could not be started."""
 

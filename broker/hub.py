@@ -388,6 +388,22 @@ class Hub:
         for cursor in stream.cursors:
             cursor._offer(events)
 
+    def _lose(self, gid: str) -> None:
+        """The generation's keys are gone (expired, or Redis restarted without its data):
+        end its readers with an explicit error instead of letting them wait forever."""
+        stream = self._streams.get(gid)
+        if stream is None or not stream.live:
+            return
+        logger.warning("generation %s vanished from Redis; ending its readers", gid)
+        lost = Event(
+            seq=stream.head + 1, type="error",
+            data={"code": "log_lost", "message": "the log of this generation is gone"},
+        )
+        stream.head = stream.terminal_seq = lost.seq
+        self._by_key.pop(stream.log_key.encode(), None)
+        for cursor in stream.cursors:
+            cursor._offer([lost])
+
     # --- the reaper ----------------------------------------------------------------------------
 
     async def _reaper(self) -> None:
@@ -404,7 +420,7 @@ class Hub:
             try:
                 alive = await self.log.lease_alive(quiet)
                 for gid, ok in zip(quiet, alive, strict=True):
-                    if not ok:
-                        await self.log.reap_if_orphaned(gid)
+                    if not ok and await self.log.reap_if_orphaned(gid) == "missing":
+                        self._lose(gid)
             except (RedisConnectionError, RedisTimeoutError) as exc:
                 logger.warning("reaper check failed: %s", exc)

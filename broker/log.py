@@ -239,16 +239,22 @@ class GenerationLog:
             )
         return state
 
-    async def reap_if_orphaned(self, gid: str) -> bool:
-        """End a running generation whose producer lost its lease (crashed process)."""
-        seq, _ = await self.finish(
+    async def reap_if_orphaned(self, gid: str) -> str:
+        """End a running generation whose producer lost its lease (crashed process).
+
+        Returns ``"reaped"`` if this call wrote the ``producer_lost`` error, ``"missing"`` if
+        the generation's metadata is gone (expired, or Redis lost its data), else
+        ``"alive"`` (it ended meanwhile, or a producer holds it again).
+        """
+        seq, status = await self.finish(
             gid, "error", {"code": "producer_lost",
                            "message": "the producer of this generation stopped responding"},
-            mode="orphaned", finish_reason="error",
+            mode="orphaned", finish_reason="error", meta={"error_code": "producer_lost"},
         )
         if seq:
             logger.warning("generation %s: producer lost, ended with error", gid)
-        return bool(seq)
+            return "reaped"
+        return "missing" if not status else "alive"
 
     # --- reading ---------------------------------------------------------------------------
 

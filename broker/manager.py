@@ -20,6 +20,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from broker.connections import raise_if_cancelled
+from broker.errors import ShuttingDown
 from broker.keys import new_generation_id
 from broker.log import GenerationLog, StreamEntry, XReadReply
 from broker.producer import Producer
@@ -87,7 +88,7 @@ class GenerationManager:
         caller goes away.
         """
         if self._closing:
-            raise RuntimeError("the generation manager is shutting down")
+            raise ShuttingDown("this broker process is shutting down")
         name = provider_name or self.settings.default_provider
         provider = self.providers.validate(name, request)
         model = provider.model_for(request)

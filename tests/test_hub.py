@@ -150,6 +150,24 @@ async def test_orphaned_generation_is_reaped(redis_url: str) -> None:
     assert events[0].data["code"] == "producer_lost"
 
 
+async def test_readers_of_a_generation_that_vanished_from_redis_end(redis_url: str) -> None:
+    # As after a Redis restart without persistence: every key of the generation is gone.
+    settings = make_settings(redis_url, lease_seconds=0.5)
+    async with Broker.open(settings) as broker:
+        await broker.log.create("gvanish0001", provider="simulated", model="m", owner="x",
+                                lease_ms=60_000, ttl_seconds=60)
+        await broker.log.append("gvanish0001", "x", 60_000,
+                                [(1, "token", {"text": "a"}, 1.0, "a")])
+        events: list[Event] = []
+        async for event in broker.events("gvanish0001"):
+            events.append(event)
+            if event.seq == 1:
+                await broker.redis.delete(*broker.log.keys("gvanish0001").all())
+    assert [e.type for e in events] == ["token", "error"]
+    assert events[-1].data["code"] == "log_lost"
+    assert events[-1].seq == 2
+
+
 async def test_shutdown_cancels_running_producers(redis_url: str) -> None:
     settings = make_settings(redis_url, shutdown_grace_seconds=0.0)
     async with Broker.open(settings) as broker:

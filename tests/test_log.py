@@ -53,7 +53,7 @@ async def test_exactly_one_terminal_and_fencing(log: GenerationLog) -> None:
     assert (seq, status) == (2, "done")
     # A racing cancel / reaper / second finish writes nothing and reports the status.
     assert await log.finish(gid, "cancelled", {}, mode="any") == (0, "done")
-    assert await log.reap_if_orphaned(gid) is False
+    assert await log.reap_if_orphaned(gid) == "alive"
     with pytest.raises(GenerationFenced):
         await log.append(gid, "o", 5000, [tok(3, "late")])
     events = await log.read(gid, 0, 100)

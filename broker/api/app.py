@@ -24,6 +24,7 @@ from broker.errors import (
     GenerationNotFound,
     InvalidResumePoint,
     ProviderConfigError,
+    ShuttingDown,
     UnknownProvider,
 )
 from broker.keys import is_generation_id
@@ -74,6 +75,10 @@ def create_app(
     @app.exception_handler(GenerationNotFound)
     async def _not_found(request: Request, exc: GenerationNotFound) -> JSONResponse:
         return JSONResponse({"detail": str(exc)}, status_code=404)
+
+    @app.exception_handler(ShuttingDown)
+    async def _draining(request: Request, exc: ShuttingDown) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=503, headers={"Retry-After": "1"})
 
     @app.exception_handler(RedisError)
     async def _redis_down(request: Request, exc: RedisError) -> JSONResponse:

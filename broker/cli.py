@@ -31,7 +31,7 @@ def serve(
     from broker.server import serve as run
 
     logging.basicConfig(level=log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
-    asyncio.run(run(_settings(host=host, port=port)))
+    asyncio.run(run(_settings(host=host, port=port), log_level=log_level.lower()))
 
 
 @app.command()

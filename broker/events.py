@@ -66,6 +66,8 @@ class Event:
     type: str
     data: dict[str, Any] = field(default_factory=dict)
     ts: float = 0.0  # producer's wall clock (unix seconds) when it appended the entry
+    # The SSE frame, encoded once and shared by every client of this process (broker.sse).
+    sse_frame: bytes | None = field(default=None, repr=False, compare=False)
 
     @property
     def terminal(self) -> bool:

@@ -33,11 +33,12 @@ StreamEntry = tuple[bytes, dict[bytes, bytes]]
 XReadReply = list[tuple[bytes, list[StreamEntry]]]
 
 _APPEND = """
-local status = redis.call('HGET', KEYS[2], 'status')
+local meta = redis.call('HMGET', KEYS[2], 'status', 'last_seq', 'cancel')
+local status = meta[1]
 if status ~= 'running' then return {-1, status or ''} end
 local holder = redis.call('GET', KEYS[4])
 if holder and holder ~= ARGV[1] then return {-2, holder} end
-local last = tonumber(redis.call('HGET', KEYS[2], 'last_seq') or '0')
+local last = tonumber(meta[2] or '0')
 local n = tonumber(ARGV[4])
 local i = 5
 for _ = 1, n do
@@ -55,8 +56,7 @@ for _ = 1, n do
 end
 redis.call('HSET', KEYS[2], 'last_seq', last)
 redis.call('SET', KEYS[4], ARGV[1], 'PX', ARGV[3])
-local cancel = redis.call('HGET', KEYS[2], 'cancel')
-return {last, cancel or ''}
+return {last, meta[3] or ''}
 """
 
 # ARGV: owner ('' = not a producer), mode ('owner' | 'orphaned' | 'any'), type, data, ts,

@@ -59,6 +59,6 @@ def build_server(
     return TokenteeServer(config, shutdown)
 
 
-async def serve(settings: Settings) -> None:
+async def serve(settings: Settings, *, log_level: str = "info") -> None:
     """``tokentee serve``: the API until SIGINT/SIGTERM."""
-    await build_server(settings).serve()
+    await build_server(settings, log_level=log_level, access_log=log_level == "debug").serve()

@@ -51,9 +51,17 @@ def parse_resume_id(value: str | None) -> int | None:
 
 def encode_event(event: Event) -> bytes:
     """One SSE frame.  ``data`` is compact JSON on a single line: token text with CR/LF can
-    never start a new field or event."""
-    data = event.json_data().translate(_EXTRA_LINE_BREAKS)
-    return f"id: {event.seq}\nevent: {event.type}\ndata: {data}\n\n".encode()
+    never start a new field or event.
+
+    The hub hands the same :class:`Event` object to every cursor of a stream, so the frame is
+    encoded once per process and cached on the event, not once per client.
+    """
+    frame = event.sse_frame
+    if frame is None:
+        data = event.json_data().translate(_EXTRA_LINE_BREAKS)
+        frame = f"id: {event.seq}\nevent: {event.type}\ndata: {data}\n\n".encode()
+        object.__setattr__(event, "sse_frame", frame)  # frozen: a cache, not a state change
+    return frame
 
 
 def comment(text: str) -> bytes:

@@ -1,6 +1,6 @@
 """Redis clients, built from the settings in one place.
 
-Two kinds of connection, never mixed (see ``notes/pitfalls.md``):
+Two kinds of connection, never mixed:
 
 - the *command* client: a ``BlockingConnectionPool`` shared by producers, request handlers and
   catch-up reads; it waits for a free connection instead of raising "Too many connections";

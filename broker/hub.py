@@ -176,6 +176,11 @@ class Cursor:
             # A cursor that read the log itself can be ahead of the hub: skip what it has.
             fresh = [e for e in events if e.seq > self._tail]
             if not fresh:
+                if events[-1].terminal and events[-1].seq <= self.last:
+                    # The reader resumed after the terminal entry before the hub had read
+                    # it: nothing follows, so end instead of waiting forever.
+                    self._done = True
+                    self._wake.set()
                 return
             if fresh[0].seq != self._tail + 1 or len(self._buffer) + len(fresh) > (
                 self._max_buffer
@@ -306,7 +311,12 @@ class Hub:
             self._streams[gid] = stream
             if stream.live:
                 self._by_key[stream.log_key.encode()] = stream
-                await self._wake_reader()
+                try:
+                    await self._wake_reader()
+                except BaseException:
+                    self._streams.pop(gid, None)
+                    self._by_key.pop(stream.log_key.encode(), None)
+                    raise
             future.set_result(stream)
             return stream
         except BaseException as exc:

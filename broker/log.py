@@ -54,6 +54,15 @@ for _ = 1, n do
   end
   i = i + 5
 end
+if tonumber(meta[2] or '0') == 0 and last > 0 then
+  -- First entries: the log and text keys now exist; give them the meta's backstop TTL, so
+  -- nothing outlives its retention even if every process dies before finishing it.
+  local ttl = redis.call('TTL', KEYS[2])
+  if ttl > 0 then
+    redis.call('EXPIRE', KEYS[1], ttl)
+    redis.call('EXPIRE', KEYS[3], ttl)
+  end
+end
 redis.call('HSET', KEYS[2], 'last_seq', last)
 redis.call('SET', KEYS[4], ARGV[1], 'PX', ARGV[3])
 return {last, meta[3] or ''}
@@ -73,8 +82,7 @@ elseif ARGV[2] == 'orphaned' then
 end
 local seq = tonumber(redis.call('HGET', KEYS[2], 'last_seq') or '0') + 1
 redis.call('XADD', KEYS[1], '0-' .. seq, 'type', ARGV[3], 'data', ARGV[4], 'ts', ARGV[5])
-redis.call('HSET', KEYS[2], 'status', ARGV[6], 'last_seq', seq, 'finish_reason', ARGV[7],
-           'finished', ARGV[5])
+redis.call('HSET', KEYS[2], 'status', ARGV[6], 'last_seq', seq, 'finish_reason', ARGV[7])
 for j = 9, #ARGV, 2 do redis.call('HSET', KEYS[2], ARGV[j], ARGV[j + 1]) end
 redis.call('DEL', KEYS[4])
 local ttl = tonumber(ARGV[8])
@@ -117,7 +125,7 @@ class GenerationMeta:
 @dataclass(frozen=True, slots=True)
 class AppendResult:
     last_seq: int
-    cancel_requested: bool
+    cancel_reason: str | None  # set once someone asked to cancel the generation
 
 
 class GenerationFenced(Exception):
@@ -194,7 +202,8 @@ class GenerationLog:
         last, flag = await self._append(keys=list(keys.all()), args=args)
         if int(last) < 0:
             raise GenerationFenced(f"generation {gid} refused the append ({_s(flag)})")
-        return AppendResult(last_seq=int(last), cancel_requested=bool(flag))
+        reason = _s(flag) if isinstance(flag, bytes) else None
+        return AppendResult(last_seq=int(last), cancel_reason=reason or None)
 
     async def finish(
         self, gid: str, etype: str, data: dict[str, Any], *, owner: str = "",
@@ -208,11 +217,12 @@ class GenerationLog:
         """
         status = {"done": "done", "error": "error", "cancelled": "cancelled"}[etype]
         keys = self.keys(gid)
+        now = time.time()
         args: list[str | int] = [
-            owner, mode, etype, dumps(data), f"{time.time() * 1000:.3f}", status,
+            owner, mode, etype, dumps(data), f"{now * 1000:.3f}", status,
             finish_reason, self.retention_seconds,
         ]
-        for k, v in (meta or {}).items():
+        for k, v in {"finished": f"{now:.6f}", **(meta or {})}.items():
             args += [k, v]
         seq, st = await self._finish(keys=list(keys.all()), args=args)
         return int(seq), st.decode() if isinstance(st, bytes) else str(st)
@@ -273,7 +283,7 @@ class GenerationLog:
             model=d.get("model", ""),
             created=float(d.get("created", "0")),
             last_seq=int(d.get("last_seq", "0")),
-            finished=float(d["finished"]) / 1000 if d.get("finished") else None,
+            finished=float(d["finished"]) if d.get("finished") else None,
             finish_reason=d.get("finish_reason") or None,
             cancel_requested="cancel" in d,
             extra={k: v for k, v in d.items() if k not in known},

@@ -118,8 +118,9 @@ class GenerationManager:
         if entry is None:
             return False
         producer, task = entry
-        producer.cancel_reason = reason
-        task.cancel()
+        if not producer.finishing:  # a finishing producer is already writing its terminal
+            producer.cancel_reason = reason
+            task.cancel()
         return True
 
     async def wait(self, gid: str) -> None:
@@ -176,7 +177,7 @@ class GenerationManager:
         if tasks:
             _, pending = await asyncio.wait(tasks, timeout=self.settings.shutdown_grace_seconds)
             for gid, (producer, task) in list(self._producers.items()):
-                if task in pending:
+                if task in pending and not producer.finishing:
                     producer.cancel_reason = "shutdown"
                     task.cancel()
                     logger.info("generation %s cancelled by shutdown", gid)

@@ -16,12 +16,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
 
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from broker.events import Finish, ProviderEvent, TextDelta, UpstreamFailure, Usage, dumps
 from broker.log import GenerationFenced, GenerationLog
@@ -30,6 +33,7 @@ from broker.settings import Settings
 
 logger = logging.getLogger(__name__)
 
+T = TypeVar("T")
 # (type, data, finish_reason)
 Terminal = tuple[str, dict[str, Any], str]
 PendingEntry = tuple[int, str, dict[str, Any], float, str]
@@ -37,6 +41,10 @@ PendingEntry = tuple[int, str, dict[str, Any], float, str]
 
 class CancelRequested(Exception):
     """The log reported a cancel request (fallback to the control stream)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
 
 
 class Producer:
@@ -65,16 +73,24 @@ class Producer:
         self._drained = asyncio.Event()
         self._upstream_done = False
         self._usage: dict[str, Any] | None = None
+        self.finishing = False  # writing the terminal entry: further cancels are refused
 
     async def run(self) -> None:
         terminal: Terminal | None = None
+        deadline = asyncio.timeout(self.settings.max_generation_seconds)
         try:
-            async with asyncio.timeout(self.settings.max_generation_seconds):
+            async with deadline:
                 terminal = await self._pump()
         except TimeoutError:
-            terminal = _error("deadline_exceeded", "the generation exceeded its total deadline")
-        except CancelRequested:
-            terminal = ("cancelled", {"reason": "requested"}, "cancelled")
+            if deadline.expired():
+                terminal = _error(
+                    "deadline_exceeded", "the generation exceeded its total deadline"
+                )
+            else:  # a provider's own timeout that escaped it
+                logger.exception("generation %s: provider timed out", self.gid)
+                terminal = _error("upstream_timeout", "the upstream timed out")
+        except CancelRequested as request:
+            terminal = ("cancelled", {"reason": request.reason}, "cancelled")
         except GenerationFenced as exc:
             logger.info("generation %s: %s", self.gid, exc)
         except asyncio.CancelledError:
@@ -88,19 +104,42 @@ class Producer:
             terminal = _error("internal_error", "the producer failed unexpectedly")
         finally:
             if terminal is not None:
+                await self._finish_despite_cancels(terminal)
+
+    async def _finish_despite_cancels(self, terminal: Terminal) -> None:
+        """Write the terminal entry even if another cancel lands meanwhile.
+
+        The manager refuses to cancel a finishing producer, but a cancel can be in flight
+        already (a direct cancel racing the control stream's).  ``_finish`` is idempotent
+        (appends skip written entries, a second finish is a no-op), so it is simply retried;
+        the cancellation is re-raised afterwards.
+        """
+        self.finishing = True
+        cancelled = False
+        for _ in range(3):
+            try:
                 await self._finish(terminal)
+                break
+            except asyncio.CancelledError:
+                cancelled = True
+        if cancelled:
+            raise asyncio.CancelledError
 
     async def _finish(self, terminal: Terminal) -> None:
         etype, data, reason = terminal
         try:
             if self._pending:  # read from upstream before the stop: keep it
-                await self.log.append(self.gid, self.owner, self.lease_ms, self._pending)
+                await self._retrying(
+                    lambda: self.log.append(self.gid, self.owner, self.lease_ms, self._pending)
+                )
                 self._pending.clear()
             extra = {"error_code": str(data["code"])} if etype == "error" else {}
             if self._usage is not None:
                 extra["usage"] = dumps(self._usage)
-            seq, status = await self.log.finish(
-                self.gid, etype, data, owner=self.owner, finish_reason=reason, meta=extra
+            seq, status = await self._retrying(
+                lambda: self.log.finish(
+                    self.gid, etype, data, owner=self.owner, finish_reason=reason, meta=extra
+                )
             )
             if not seq:
                 logger.info("generation %s had already ended (%s)", self.gid, status)
@@ -166,11 +205,34 @@ class Producer:
                 await self._wake.wait()
                 continue
             batch = self._pending[:batch_size]
-            result = await self.log.append(self.gid, self.owner, self.lease_ms, batch)
+            result = await self._retrying(
+                functools.partial(self.log.append, self.gid, self.owner, self.lease_ms, batch)
+            )
             del self._pending[: len(batch)]
             self._drained.set()
-            if result.cancel_requested:
-                raise CancelRequested
+            if result.cancel_reason is not None:
+                raise CancelRequested(result.cancel_reason)
+
+
+    async def _retrying(self, call: Callable[[], Awaitable[T]]) -> T:
+        """Run a log write, retrying connection failures with backoff.
+
+        Safe because both writes are idempotent: appends carry explicit sequence numbers
+        (what Redis already applied is skipped) and a second finish is a no-op.  Gives up
+        after ``append_retry_seconds`` and lets the ``RedisError`` through.
+        """
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + self.settings.append_retry_seconds
+        delay = 0.05
+        while True:
+            try:
+                return await call()
+            except (RedisConnectionError, RedisTimeoutError) as exc:
+                if loop.time() + delay > give_up:
+                    raise
+                logger.warning("generation %s: redis write failed (%s); retrying", self.gid, exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 1.0)
 
 
 def _error(code: str, message: str) -> Terminal:

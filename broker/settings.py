@@ -36,7 +36,6 @@ class Settings(BaseSettings):
 
     # --- generations -------------------------------------------------------------------
     default_provider: str = "simulated"
-    default_model: str | None = None
     retention_seconds: int = Field(
         default=3_600, ge=1, description="TTL of a finished generation's keys."
     )
@@ -50,6 +49,9 @@ class Settings(BaseSettings):
         default=10.0, gt=0, description="A producer that misses its lease this long is lost."
     )
     append_batch: int = Field(default=512, ge=1, description="Max entries per append call.")
+    append_retry_seconds: float = Field(
+        default=10.0, ge=0, description="How long a producer retries a failing log write."
+    )
     catalog_maxlen: int = Field(default=100_000, ge=100)
     control_maxlen: int = Field(default=10_000, ge=100)
     shutdown_grace_seconds: float = Field(default=5.0, ge=0)

@@ -259,3 +259,80 @@ async def test_readers_joining_and_resuming_at_random_points_see_no_gap(
     for events in results:
         assert [e.type for e in events if e.type == "gap"] == []
         check_complete(events, tokens)
+
+
+async def test_resume_after_a_terminal_entry_the_hub_has_not_read_yet_ends(
+    broker: Broker, settings: Settings
+) -> None:
+    from broker.connections import blocking_client
+    from broker.hub import Hub
+
+    gid = "gterminalrace1"
+    log = broker.log
+    await log.create(gid, provider="p", model="m", owner="x", lease_ms=60_000, ttl_seconds=60)
+    await log.append(gid, "x", 60_000, [(i, "token", {"text": "t"}, 1.0, "t") for i in (1, 2)])
+    client = blocking_client(settings.redis_url or "", settings)
+    hub = Hub(log, client, settings)  # not entered: the test drives the hub's reads itself
+    try:
+        async with hub.subscribe(gid) as first:
+            assert [e.seq for e in first.ready()] == []
+            await log.finish(gid, "done", {"finish_reason": "stop"}, owner="x")  # seq 3
+            # A client that already saw seq 3 resumes before the hub has read it.
+            async with hub.subscribe(gid, after=3) as resumed:
+                waiting = asyncio.create_task(anext(resumed, None))
+                await hub._read_once()
+                assert await asyncio.wait_for(waiting, 5) is None
+                assert resumed.finished
+            assert [e.seq async for e in first] == [1, 2, 3]
+    finally:
+        await client.aclose()
+
+
+@pytest.mark.parametrize("where", ["same process", "another process"])
+async def test_racing_cancels_always_leave_exactly_one_terminal(
+    broker: Broker, settings: Settings, where: str
+) -> None:
+    """Cancel arrives directly and again through the control stream (and the append
+    script's flag) while fast producers are writing: each ends ``cancelled``, once."""
+    async with Broker.open(settings) as other:
+        canceller = broker if where == "same process" else other
+        infos = [await broker.start(request(max_tokens=1_000_000, tokens_per_second=2000))
+                 for _ in range(20)]
+        for info in infos:  # all are streaming
+            async with broker.subscribe(info.id) as cursor:
+                await anext(cursor)
+        await asyncio.gather(*(canceller.cancel(i.id) for i in infos))
+        for info in infos:
+            await broker.manager.wait(info.id)
+        for info in infos:
+            state = await broker.state(info.id)
+            assert state.meta.status == "cancelled", info.id
+            events = await broker.log.read(info.id, state.meta.last_seq - 1, 10)
+            assert [e.type for e in events] == ["cancelled"]
+            terminals = [e for e in await collect(broker, info.id) if e.terminal]
+            assert len(terminals) == 1
+
+
+async def test_producer_survives_killed_redis_connections_without_duplicates(
+    redis_url: str,
+) -> None:
+    """Connections dropped under the producer (failover, proxy restart): idempotent appends
+    are retried, and the log still holds every token exactly once."""
+    settings = make_settings(redis_url)
+    async with Broker.open(settings) as broker:
+        info = await broker.start(request(max_tokens=3000, tokens_per_second=3000))
+        killed = 0
+        async with broker.subscribe(info.id) as cursor:
+            events: list[Event] = []
+            async for event in cursor:
+                events.append(event)
+                if event.seq % 500 == 0:
+                    # Kill this broker's pooled command connections (ours only, by name).
+                    for client in await broker.redis.client_list():
+                        if client["name"] == f"{settings.key_prefix}:commands":
+                            await broker.redis.client_kill_filter(_id=client["id"])
+                            killed += 1
+        assert killed > 0
+        check_complete(events, 3000)
+        state = await broker.state(info.id)
+        assert state.text == "".join(e.text for e in events)

@@ -97,7 +97,16 @@ async def test_cancel_of_live_generation_flags_it_and_posts_control(log: Generat
     await log.create(gid, provider="p", model="m", owner="o", lease_ms=5000, ttl_seconds=60)
     assert await log.request_cancel(gid) == "running"
     result = await log.append(gid, "o", 5000, [tok(1, "a")])
-    assert result.cancel_requested
+    assert result.cancel_reason == "requested"
     control = await log.redis.xrange(log.keyspace.control)
     assert control[-1][1][b"id"] == gid.encode()
     assert await log.request_cancel("gunknown01") == ""
+
+
+async def test_running_generation_keys_have_the_backstop_ttl(log: GenerationLog) -> None:
+    gid = "gbackstop01"
+    await log.create(gid, provider="p", model="m", owner="o", lease_ms=5000, ttl_seconds=90)
+    await log.append(gid, "o", 5000, [tok(1, "a")])
+    keys = log.keys(gid)
+    for key in (keys.log, keys.meta, keys.text):
+        assert 0 < await log.redis.ttl(key) <= 90, key

@@ -381,6 +381,12 @@ class Hub:
             target = self._by_key.get(key)
             if target is not None:
                 self._dispatch(target, entries)
+        if reply and self.settings.hub_batch_ms:
+            # Each XREAD costs Redis and us work per stream it names; re-issuing it the
+            # moment one entry arrived would cost that per entry.  A short pause after
+            # delivering lets the next read collect the entries of many streams: a batching
+            # window that only ever follows data (an idle hub stays blocked in XREAD).
+            await asyncio.sleep(self.settings.hub_batch_ms / 1000)
 
     def _dispatch(self, stream: _Stream, entries: list[StreamEntry]) -> None:
         events = [

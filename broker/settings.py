@@ -63,6 +63,11 @@ class Settings(BaseSettings):
         default=256, ge=1, description="Entries buffered per reader before it reads the log."
     )
     catchup_batch: int = Field(default=500, ge=1, description="XRANGE COUNT while catching up.")
+    hub_batch_ms: float = Field(
+        default=2.0, ge=0,
+        description="After a hub read that returned entries, wait this long before the next"
+        " one, so one XREAD carries the entries of many streams.",
+    )
 
     # --- HTTP server -------------------------------------------------------------------
     host: str = "127.0.0.1"

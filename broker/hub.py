@@ -51,6 +51,9 @@ from broker.settings import Settings
 
 logger = logging.getLogger(__name__)
 
+# Below this many streams in one XREAD, re-reading at once is cheap: no batching window.
+_BATCH_FROM_STREAMS = 32
+
 
 class _Stream:
     """Hub state for one generation that has at least one cursor in this process."""
@@ -381,11 +384,12 @@ class Hub:
             target = self._by_key.get(key)
             if target is not None:
                 self._dispatch(target, entries)
-        if reply and self.settings.hub_batch_ms:
+        if reply and self.settings.hub_batch_ms and len(names) > _BATCH_FROM_STREAMS:
             # Each XREAD costs Redis and us work per stream it names; re-issuing it the
             # moment one entry arrived would cost that per entry.  A short pause after
             # delivering lets the next read collect the entries of many streams: a batching
-            # window that only ever follows data (an idle hub stays blocked in XREAD).
+            # window that only ever follows data (an idle hub stays blocked in XREAD), and
+            # only where the read is wide enough for the saving to beat the added latency.
             await asyncio.sleep(self.settings.hub_batch_ms / 1000)
 
     def _dispatch(self, stream: _Stream, entries: list[StreamEntry]) -> None:

@@ -336,3 +336,13 @@ async def test_producer_survives_killed_redis_connections_without_duplicates(
         check_complete(events, 3000)
         state = await broker.state(info.id)
         assert state.text == "".join(e.text for e in events)
+
+
+async def test_many_live_streams_in_one_hub_read(broker: Broker) -> None:
+    # More streams than the hub's batching threshold: reads carry many streams at once.
+    infos = [await broker.start(request(max_tokens=40, tokens_per_second=200))
+             for _ in range(40)]
+    results = await asyncio.gather(*(collect(broker, i.id) for i in infos for _ in range(2)))
+    for events in results:
+        check_complete(events, 40)
+    assert broker.hub.reads < 40 * 40  # far fewer XREADs than entries

@@ -8,6 +8,7 @@ receives.  The wire encoding of an entry is documented in the README ("Redis wir
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -83,8 +84,9 @@ class Event:
 
 
 def dumps(data: dict[str, Any]) -> str:
-    """Compact JSON.  Never contains a raw CR or LF, so it is safe as one SSE data line."""
-    return json.dumps(data, separators=(",", ":"), ensure_ascii=False)
+    """Compact JSON.  Never contains a raw CR or LF, so it is safe as one SSE data line, and
+    never a lone surrogate, so it is valid UTF-8."""
+    return clean_text(json.dumps(data, separators=(",", ":"), ensure_ascii=False))
 
 
 def encode_fields(etype: str, data: dict[str, Any], ts: float) -> list[str]:
@@ -92,11 +94,23 @@ def encode_fields(etype: str, data: dict[str, Any], ts: float) -> list[str]:
     return ["type", etype, "data", dumps(data), "ts", f"{ts * 1000:.3f}"]
 
 
+def _text(value: bytes | str) -> str:
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
+
+
+_SURROGATES = re.compile("[\ud800-\udfff]")
+
+
+def clean_text(text: str) -> str:
+    """``text`` without lone UTF-16 surrogates (``"\\ud83d"`` from a JSON escape, say),
+    each replaced by U+FFFD: they cannot be encoded as UTF-8, so Redis could not store them."""
+    return _SURROGATES.sub("\ufffd", text) if not text.isascii() else text
+
+
 def decode_entry(seq: int, fields: dict[bytes, bytes] | dict[str, str]) -> Event:
     """Decode a stream entry's field map (bytes or str) into an :class:`Event`."""
     get: dict[str, str] = {
-        (k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v)
-        for k, v in fields.items()
+        _text(k): _text(v) for k, v in fields.items()
     }
     raw = get.get("data", "{}")
     try:

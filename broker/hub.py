@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import secrets
 import time
@@ -38,15 +39,13 @@ from types import TracebackType
 from typing import Any, cast
 
 import redis.asyncio as aioredis
-from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from broker.connections import raise_if_cancelled
 from broker.errors import GenerationNotFound, InvalidResumePoint
-from broker.events import Event, decode_entry
-from broker.keys import entry_id, seq_of
-from broker.log import GenerationLog, StreamEntry, XReadReply
+from broker.events import Event
+from broker.keys import entry_id
+from broker.log import GenerationLog, StreamEntry, XReadReply, decode_entries
 from broker.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -220,7 +219,7 @@ class Hub:
         self._wake_last = "0-0"
         self._streams: dict[str, _Stream] = {}
         self._by_key: dict[bytes, _Stream] = {}
-        self._preparing: dict[str, asyncio.Future[_Stream]] = {}
+        self._preparing: dict[str, asyncio.Task[_Stream]] = {}
         self._blocked = False
         self._tasks: list[asyncio.Task[None]] = []
         self.idle = asyncio.Event()  # set while no cursor is open in this process
@@ -238,14 +237,17 @@ class Hub:
         self, exc_type: type[BaseException] | None, exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        for task in self._tasks:
+        tasks = [*self._tasks, *self._preparing.values()]
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for outcome in await asyncio.gather(*tasks, return_exceptions=True):
+            if isinstance(outcome, Exception):
+                logger.error("hub task had failed: %r", outcome)
         self._tasks = []
         for stream in list(self._streams.values()):
             for cursor in list(stream.cursors):
                 cursor._close()
-        with contextlib.suppress(RedisConnectionError, RedisTimeoutError):
+        with contextlib.suppress(RedisError):
             await self.log.redis.delete(self._wake_key)
 
     # --- public API ----------------------------------------------------------------------------
@@ -295,39 +297,42 @@ class Hub:
     # --- stream bookkeeping ----------------------------------------------------------------
 
     async def _attach(self, gid: str) -> _Stream:
+        """The hub's stream for ``gid``, loading it if needed (``GenerationNotFound``).
+
+        Loading runs in a task the hub owns, shared by every subscriber that arrives
+        meanwhile: a subscriber cancelled while it waits cancels only its own wait.
+        """
         stream = self._streams.get(gid)
         if stream is not None:
             return stream
-        pending = self._preparing.get(gid)
-        if pending is not None:
-            return await asyncio.shield(pending)
-        future: asyncio.Future[_Stream] = asyncio.get_running_loop().create_future()
-        self._preparing[gid] = future
-        try:
-            meta = await self.log.meta(gid)
-            if meta is None:
-                raise GenerationNotFound(gid)
-            stream = _Stream(
-                gid, self.log.keys(gid).log, meta.last_seq,
-                meta.last_seq if meta.terminal else None,
-            )
-            self._streams[gid] = stream
-            if stream.live:
-                self._by_key[stream.log_key.encode()] = stream
-                try:
-                    await self._wake_reader()
-                except BaseException:
-                    self._streams.pop(gid, None)
-                    self._by_key.pop(stream.log_key.encode(), None)
-                    raise
-            future.set_result(stream)
-            return stream
-        except BaseException as exc:
-            future.set_exception(exc)
-            future.exception()  # mark retrieved: waiters re-raise it themselves
-            raise
-        finally:
+        loading = self._preparing.get(gid)
+        if loading is None:
+            loading = asyncio.create_task(self._load(gid), name=f"tokentee-hub-load-{gid}")
+            self._preparing[gid] = loading
+            loading.add_done_callback(functools.partial(self._loaded, gid))
+        stream = await asyncio.shield(loading)
+        registered = self._streams.get(gid)
+        if registered is not None:
+            return registered
+        self._streams[gid] = stream
+        if stream.live:
+            self._by_key[stream.log_key.encode()] = stream
+            await self._wake_reader()
+        return stream
+
+    async def _load(self, gid: str) -> _Stream:
+        meta = await self.log.meta(gid)
+        if meta is None:
+            raise GenerationNotFound(gid)
+        return _Stream(
+            gid, self.log.keys(gid).log, meta.last_seq, meta.last_seq if meta.terminal else None
+        )
+
+    def _loaded(self, gid: str, task: asyncio.Task[_Stream]) -> None:
+        if self._preparing.get(gid) is task:
             del self._preparing[gid]
+        if not task.cancelled():
+            task.exception()  # retrieved: every waiter re-raises it through its shield
 
     def _release(self, stream: _Stream) -> None:
         if stream.cursors:
@@ -341,12 +346,21 @@ class Hub:
         # A blocked XREAD may still name the stream; its reply is ignored when it returns.
 
     async def _wake_reader(self) -> None:
-        # Only a blocked read needs waking; otherwise the next read names the stream anyway.
-        if self._blocked:
+        """Make a blocked read return so that the next one names the new stream.
+
+        Only a blocked read needs waking; otherwise the next read names the stream anyway.
+        If the wake fails, the stream still joins the read after at most ``block_ms``, so the
+        failure is logged, not raised (raising would strand readers already attached).
+        """
+        if not self._blocked:
+            return
+        try:
             async with self.log.redis.pipeline(transaction=False) as pipe:
                 pipe.xadd(self._wake_key, {"w": "1"}, maxlen=16, approximate=True)
                 pipe.expire(self._wake_key, 86_400)  # outlives no crashed process by long
                 await pipe.execute()
+        except RedisError as exc:
+            logger.warning("hub wake failed (%s); new stream joins at the next read", exc)
 
     # --- the reader ----------------------------------------------------------------------------
 
@@ -393,11 +407,7 @@ class Hub:
             await asyncio.sleep(self.settings.hub_batch_ms / 1000)
 
     def _dispatch(self, stream: _Stream, entries: list[StreamEntry]) -> None:
-        events = [
-            decode_entry(seq, fields)
-            for eid, fields in entries
-            if (seq := seq_of(eid)) > stream.head
-        ]
+        events = [e for e in decode_entries(entries) if e.seq > stream.head]
         if not events:
             return
         stream.head = events[-1].seq
@@ -442,5 +452,5 @@ class Hub:
                 for gid, ok in zip(quiet, alive, strict=True):
                     if not ok and await self.log.reap_if_orphaned(gid) == "missing":
                         self._lose(gid)
-            except (RedisConnectionError, RedisTimeoutError) as exc:
+            except RedisError as exc:  # OOM, READONLY, ...: retried at the next check
                 logger.warning("reaper check failed: %s", exc)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 # Generation ids are what ``new_generation_id`` makes: url-safe base64, no braces, so the
 # id can be a hash tag and a path segment without escaping.  Parsing accepts the same
 # alphabet from user input and nothing else.
-GENERATION_ID_RE = re.compile(r"^[A-Za-z0-9_-]{8,64}$")
+GENERATION_ID_RE = re.compile(r"[A-Za-z0-9_-]{8,64}")
 
 
 def new_generation_id() -> str:
@@ -22,7 +22,7 @@ def new_generation_id() -> str:
 
 
 def is_generation_id(value: str) -> bool:
-    return bool(GENERATION_ID_RE.match(value))
+    return bool(GENERATION_ID_RE.fullmatch(value))
 
 
 def entry_id(seq: int) -> str:

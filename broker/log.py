@@ -132,6 +132,21 @@ class GenerationFenced(Exception):
     """The generation is no longer ours to write: it finished, or another producer leads it."""
 
 
+def decode_entries(raw: list[StreamEntry]) -> list[Event]:
+    """Decode log entries.  An entry tokentee did not write (an id other than ``0-<seq>``,
+    added by hand or by another program) is skipped with a warning instead of failing every
+    reader of the stream."""
+    events: list[Event] = []
+    for eid, fields in raw:
+        try:
+            seq = seq_of(eid)
+        except ValueError:
+            logger.warning("skipping foreign log entry %r", eid)
+            continue
+        events.append(decode_entry(seq, fields))
+    return events
+
+
 def _s(value: bytes | None) -> str | None:
     return None if value is None else value.decode()
 
@@ -298,7 +313,7 @@ class GenerationLog:
         raw = cast(list[StreamEntry], await self.redis.xrange(
             self.keys(gid).log, min=entry_id(after + 1), max="+", count=count
         ))
-        return [decode_entry(seq_of(eid), fields) for eid, fields in raw]
+        return decode_entries(raw)
 
     async def lease_alive(self, gids: list[str]) -> list[bool]:
         async with self.redis.pipeline(transaction=False) as pipe:

@@ -16,8 +16,7 @@ from types import TracebackType
 from typing import cast
 
 import redis.asyncio as aioredis
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.exceptions import RedisError
 
 from broker.connections import raise_if_cancelled
 from broker.errors import ShuttingDown
@@ -98,6 +97,12 @@ class GenerationManager:
             gid, provider=name, model=model, owner=self.owner,
             lease_ms=int(self.settings.lease_seconds * 1000), ttl_seconds=ttl,
         )
+        if self._closing:
+            # aclose() began while we created it: it would not see this producer.  End the
+            # generation here instead of starting a producer nobody drains.
+            await self.log.finish(gid, "cancelled", {"reason": "shutdown"}, owner=self.owner,
+                                  finish_reason="cancelled")
+            raise ShuttingDown("this broker process is shutting down")
         producer = Producer(self.log, gid, provider, request, self.settings, self.owner)
         task = asyncio.create_task(producer.run(), name=f"tokentee-producer-{gid}")
         self._producers[gid] = (producer, task)
@@ -138,8 +143,8 @@ class GenerationManager:
                 reply = cast(XReadReply, await self._control_redis.xread(
                     {key: last_id}, block=self.settings.block_ms, count=100
                 ))
-            except (RedisConnectionError, RedisTimeoutError) as exc:
-                logger.warning("control stream read failed (%s); reconnecting", exc)
+            except RedisError as exc:  # connection, OOM, READONLY...: back off, retry
+                logger.warning("control stream read failed (%s); retrying", exc)
                 await asyncio.sleep(0.5)  # back off before reconnecting, not a data poll
                 continue
             for _key, entries in reply:
@@ -167,22 +172,34 @@ class GenerationManager:
                         # XX: never resurrect a lease that finish() or a reaper removed.
                         pipe.set(self.log.keys(gid).lease, self.owner, px=lease_ms, xx=True)
                     await pipe.execute()
-            except (RedisConnectionError, RedisTimeoutError) as exc:
+            except RedisError as exc:  # retried at the next interval, well within the lease
                 logger.warning("lease renewal failed: %s", exc)
 
     async def aclose(self) -> None:
-        """Drain: let producers finish within the grace period, then cancel and await them."""
+        """Drain: let producers finish within the grace period, then cancel and await them.
+
+        Background tasks (control listener, lease renewal) are stopped afterwards, even if
+        the drain itself is cancelled.
+        """
         self._closing = True
-        tasks = [task for _, task in self._producers.values()]
-        if tasks:
-            _, pending = await asyncio.wait(tasks, timeout=self.settings.shutdown_grace_seconds)
-            for gid, (producer, task) in list(self._producers.items()):
-                if task in pending and not producer.finishing:
-                    producer.cancel_reason = "shutdown"
-                    task.cancel()
-                    logger.info("generation %s cancelled by shutdown", gid)
-            await asyncio.gather(*pending, return_exceptions=True)
-        for task in self._background:
-            task.cancel()
-        await asyncio.gather(*self._background, return_exceptions=True)
-        self._background = []
+        try:
+            loop = asyncio.get_running_loop()
+            grace_ends = loop.time() + self.settings.shutdown_grace_seconds
+            # A start() already past its _closing check can still register a producer while
+            # we wait: loop until none is left.
+            while self._producers:
+                tasks = [task for _, task in self._producers.values()]
+                _, pending = await asyncio.wait(tasks, timeout=max(0, grace_ends - loop.time()))
+                for gid, (producer, task) in list(self._producers.items()):
+                    if task in pending and not producer.finishing:
+                        producer.cancel_reason = "shutdown"
+                        task.cancel()
+                        logger.info("generation %s cancelled by shutdown", gid)
+                await asyncio.gather(*pending, return_exceptions=True)
+        finally:
+            for task in self._background:
+                task.cancel()
+            for outcome in await asyncio.gather(*self._background, return_exceptions=True):
+                if isinstance(outcome, Exception):
+                    logger.error("manager task had failed: %r", outcome)
+            self._background = []

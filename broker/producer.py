@@ -26,7 +26,15 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from broker.events import Finish, ProviderEvent, TextDelta, UpstreamFailure, Usage, dumps
+from broker.events import (
+    Finish,
+    ProviderEvent,
+    TextDelta,
+    UpstreamFailure,
+    Usage,
+    clean_text,
+    dumps,
+)
 from broker.log import GenerationFenced, GenerationLog
 from broker.providers.base import GenerationRequest, Provider
 from broker.settings import Settings
@@ -74,6 +82,7 @@ class Producer:
         self._upstream_done = False
         self._usage: dict[str, Any] | None = None
         self.finishing = False  # writing the terminal entry: further cancels are refused
+        self._carry = ""  # a high surrogate whose pair may start the next delta
 
     async def run(self) -> None:
         terminal: Terminal | None = None
@@ -127,26 +136,39 @@ class Producer:
 
     async def _finish(self, terminal: Terminal) -> None:
         etype, data, reason = terminal
-        try:
-            if self._pending:  # read from upstream before the stop: keep it
+        if self._pending:  # read from upstream before the stop: keep it if we can
+            try:
                 await self._retrying(
-                    lambda: self.log.append(self.gid, self.owner, self.lease_ms, self._pending)
+                    functools.partial(
+                        self.log.append, self.gid, self.owner, self.lease_ms, self._pending
+                    )
                 )
                 self._pending.clear()
-            extra = {"error_code": str(data["code"])} if etype == "error" else {}
-            if self._usage is not None:
-                extra["usage"] = dumps(self._usage)
+            except GenerationFenced as exc:
+                logger.info("generation %s: %s", self.gid, exc)
+                return
+            except Exception:
+                # Whatever broke the pending batch must not also cost the terminal entry:
+                # the finish script numbers it after what the log really holds.
+                logger.exception("generation %s: could not flush %d entries", self.gid,
+                                 len(self._pending))
+        extra = {"error_code": str(data["code"])} if etype == "error" else {}
+        if self._usage is not None:
+            extra["usage"] = dumps(self._usage)
+        try:
             seq, status = await self._retrying(
-                lambda: self.log.finish(
-                    self.gid, etype, data, owner=self.owner, finish_reason=reason, meta=extra
+                functools.partial(
+                    self.log.finish, self.gid, etype, data, owner=self.owner,
+                    finish_reason=reason, meta=extra,
                 )
             )
-            if not seq:
-                logger.info("generation %s had already ended (%s)", self.gid, status)
-        except (RedisError, GenerationFenced) as exc:
+        except RedisError as exc:
             # Nothing more we can do from here; the lease expires and a reader's reaper ends
             # the generation with ``producer_lost``, so no reader hangs.
             logger.error("generation %s: could not write terminal entry: %s", self.gid, exc)
+            return
+        if not seq:
+            logger.info("generation %s had already ended (%s)", self.gid, status)
 
     async def _pump(self) -> Terminal:
         try:
@@ -170,6 +192,9 @@ class Producer:
             async for event in stream:
                 match event:
                     case TextDelta(text=text) if text:
+                        text = self._whole_characters(text)
+                        if not text:
+                            continue
                         if self.seq + 1 >= self.settings.max_entries:
                             return _error(
                                 "max_entries",
@@ -194,6 +219,16 @@ class Producer:
                     case UpstreamFailure(code=code, message=message):
                         return _error(code, message)
         return _error("upstream_incomplete", "the upstream stream ended without finishing")
+
+    def _whole_characters(self, text: str) -> str:
+        """Token text that Redis can store.  A provider that decodes JSON escapes per chunk
+        can split a surrogate pair (an emoji) across two deltas: keep a trailing high
+        surrogate for the next delta, and replace any surrogate left unpaired."""
+        text = self._carry + text
+        self._carry = ""
+        if "\ud800" <= text[-1] <= "\udbff":
+            text, self._carry = text[:-1], text[-1]
+        return clean_text(text.encode("utf-16", "surrogatepass").decode("utf-16", "replace"))
 
     async def _writer(self) -> None:
         batch_size = self.settings.append_batch

@@ -23,7 +23,7 @@ from broker.embedded import embedded_redis
 from broker.errors import GenerationNotFound
 from broker.events import Event
 from broker.hub import Cursor, Hub
-from broker.keys import Keyspace
+from broker.keys import Keyspace, is_generation_id
 from broker.log import GenerationLog, GenerationMeta
 from broker.manager import GenerationInfo, GenerationManager
 from broker.providers import ProviderRegistry
@@ -105,6 +105,7 @@ class Broker:
     async def cancel(self, gid: str, reason: str = "requested") -> str:
         """Cancel ``gid`` wherever its producer runs.  Returns the status after the request
         (``running`` while the producer is stopping).  Raises ``GenerationNotFound``."""
+        _check_id(gid)
         status = await self.log.request_cancel(gid, reason)
         if not status:
             raise GenerationNotFound(gid)
@@ -117,6 +118,7 @@ class Broker:
 
     async def state(self, gid: str) -> GenerationState:
         """Status and text so far.  Raises ``GenerationNotFound``."""
+        _check_id(gid)
         meta = await self.log.meta(gid)
         if meta is None:
             raise GenerationNotFound(gid)
@@ -126,6 +128,7 @@ class Broker:
         self, gid: str, after: int = 0
     ) -> contextlib.AbstractAsyncContextManager[Cursor]:
         """A cursor over ``gid`` after sequence number ``after`` (see :meth:`Hub.subscribe`)."""
+        _check_id(gid)
         return self.hub.subscribe(gid, after)
 
     async def generations(self, after: str = "$") -> AsyncIterator[Announcement]:
@@ -147,6 +150,12 @@ class Broker:
         Raises ``GenerationNotFound`` or ``InvalidResumePoint`` on the first iteration.
         Breaking out of the loop (or cancelling) releases the subscription.
         """
-        async with self.hub.subscribe(gid, after) as cursor:
+        async with self.subscribe(gid, after) as cursor:
             async for event in cursor:
                 yield event
+
+
+def _check_id(gid: str) -> None:
+    # Anything else is no id we made, and could break the key's hash tag.
+    if not is_generation_id(gid):
+        raise GenerationNotFound(gid)

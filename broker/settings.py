@@ -13,7 +13,7 @@ import re
 from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-_PREFIX_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
+_PREFIX_RE = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 
 
 class Settings(BaseSettings):
@@ -94,11 +94,16 @@ class Settings(BaseSettings):
     upstream_connect_timeout: float = Field(default=10.0, gt=0)
     upstream_read_timeout: float = Field(default=60.0, gt=0)
     upstream_max_line_bytes: int = Field(default=1_048_576, ge=1_024)
+    upstream_trust_env: bool = Field(
+        default=True,
+        description="Let the upstream HTTP client use HTTP(S)_PROXY, NO_PROXY and SSL_CERT_FILE"
+        " from the environment (the API key then goes through that proxy).",
+    )
 
     @field_validator("key_prefix")
     @classmethod
     def _check_prefix(cls, value: str) -> str:
-        if not _PREFIX_RE.match(value) or "{" in value or "}" in value:
+        if not _PREFIX_RE.fullmatch(value):
             raise ValueError("key_prefix must be 1-64 characters of [A-Za-z0-9_.:-]")
         return value
 

@@ -29,7 +29,7 @@ SSE_HEADERS: list[tuple[bytes, bytes]] = [
     (b"x-accel-buffering", b"no"),
 ]
 
-_RESUME_RE = re.compile(r"^[0-9]{1,18}$")
+_RESUME_RE = re.compile(r"[0-9]{1,18}")
 # Characters some line splitters (Python's str.splitlines, some JS libraries) treat as line
 # ends although SSE does not.  JSON escapes every control character below U+0020 already.
 _EXTRA_LINE_BREAKS = str.maketrans({"\u0085": "\\u0085", "\u2028": "\\u2028",
@@ -44,7 +44,7 @@ def parse_resume_id(value: str | None) -> int | None:
     """
     if value is None or value == "":
         return None
-    if not _RESUME_RE.match(value):
+    if not _RESUME_RE.fullmatch(value):
         raise ValueError("a resume id must be the decimal id of an event of this stream")
     return int(value)
 

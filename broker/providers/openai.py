@@ -218,6 +218,7 @@ class OpenAIProvider:
             self._client = httpx.AsyncClient(
                 timeout=self._timeout,
                 limits=httpx.Limits(max_connections=None, max_keepalive_connections=20),
+                trust_env=self._settings.upstream_trust_env,
             )
         return self._client
 

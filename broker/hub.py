@@ -88,7 +88,7 @@ class Cursor:
         self._max_buffer = max_buffer
         self._behind = True
         self._wake = asyncio.Event()
-        self._done = stream.terminal_seq is not None and after >= stream.terminal_seq
+        self._done = False  # subscribe() decides, once it has validated ``after``
         self.closed = False
         self.fell_behind = 0  # how often the hub had to drop this cursor to log reads
 
@@ -155,10 +155,7 @@ class Cursor:
                 # The terminal entry is gone too: end the reader explicitly.
                 if head_before - 1 > self.last:
                     self._buffer.append(_gap(self.last + 1, head_before - 1))
-                self._buffer.append(Event(
-                    seq=head_before, type="error",
-                    data={"code": "log_lost", "message": "the rest of this log is gone"},
-                ))
+                self._buffer.append(_lost(head_before))
             else:
                 self._buffer.append(_gap(self.last + 1, head_before))
             self._tail = head_before
@@ -176,7 +173,9 @@ class Cursor:
             return
         if not self._behind:
             # A cursor that read the log itself can be ahead of the hub: skip what it has.
-            fresh = [e for e in events if e.seq > self._tail]
+            fresh = events if events[0].seq > self._tail else [
+                e for e in events if e.seq > self._tail
+            ]
             if not fresh:
                 if events[-1].terminal and events[-1].seq <= self.last:
                     # The reader resumed after the terminal entry before the hub had read
@@ -205,6 +204,12 @@ def _gap(first: int, last: int) -> Event:
     return Event(seq=last, type="gap", data={"first_missing": first, "last_missing": last})
 
 
+def _lost(seq: int) -> Event:
+    """A synthetic terminal for a generation whose log (or its end) is gone from Redis."""
+    return Event(seq=seq, type="error",
+                 data={"code": "log_lost", "message": "the log of this generation is gone"})
+
+
 class Hub:
     """Per-process fan-out from the log to cursors.  Use as an async context manager."""
 
@@ -216,12 +221,14 @@ class Hub:
         self._block_redis = block_redis
         self._id = secrets.token_hex(8)
         self._wake_key = log.keyspace.hub_wake(self._id)
+        self._wake_key_bytes = self._wake_key.encode()
         self._wake_last = "0-0"
         self._streams: dict[str, _Stream] = {}
         self._by_key: dict[bytes, _Stream] = {}
         self._preparing: dict[str, asyncio.Task[_Stream]] = {}
         self._blocked = False
         self._tasks: list[asyncio.Task[None]] = []
+        self._cursors = 0
         self.idle = asyncio.Event()  # set while no cursor is open in this process
         self.idle.set()
         self.reads = 0  # XREAD calls issued (for benchmarks)
@@ -258,7 +265,7 @@ class Hub:
 
     @property
     def cursor_count(self) -> int:
-        return sum(len(s.cursors) for s in self._streams.values())
+        return self._cursors
 
     @contextlib.asynccontextmanager
     async def subscribe(self, gid: str, after: int = 0) -> AsyncIterator[Cursor]:
@@ -271,15 +278,18 @@ class Hub:
         if after < 0:
             raise InvalidResumePoint("resume id must be >= 0")
         while True:
-            stream = await self._attach(gid)
+            stream, needs_wake = await self._attach(gid)
             # _attach may have awaited another subscriber's preparation, and that subscriber
             # may have left since: only join a stream the hub still tracks.
             if self._streams.get(gid) is stream:
                 break
         cursor = Cursor(self, stream, after, self.settings.client_queue_size)
         stream.cursors.add(cursor)  # before any await, so the stream cannot be released
+        self._cursors += 1
         self.idle.clear()
         try:
+            if needs_wake:
+                await self._wake_reader()
             if after > stream.head:
                 # The hub's head can trail the log by one read; ask the log before refusing.
                 meta = await self.log.meta(gid)
@@ -292,19 +302,25 @@ class Hub:
         finally:
             cursor._close()
             stream.cursors.discard(cursor)
+            self._cursors -= 1
+            if not self._cursors:
+                self.idle.set()
             self._release(stream)
 
     # --- stream bookkeeping ----------------------------------------------------------------
 
-    async def _attach(self, gid: str) -> _Stream:
-        """The hub's stream for ``gid``, loading it if needed (``GenerationNotFound``).
+    async def _attach(self, gid: str) -> tuple[_Stream, bool]:
+        """The hub's stream for ``gid``, loading it if needed (``GenerationNotFound``), and
+        whether the caller must wake the reader for it (a newly registered live stream).
 
         Loading runs in a task the hub owns, shared by every subscriber that arrives
-        meanwhile: a subscriber cancelled while it waits cancels only its own wait.
+        meanwhile: a subscriber cancelled while it waits cancels only its own wait.  There
+        is no await between registering the stream and returning it, so the caller's cursor
+        is in place before anything can release the stream.
         """
         stream = self._streams.get(gid)
         if stream is not None:
-            return stream
+            return stream, False
         loading = self._preparing.get(gid)
         if loading is None:
             loading = asyncio.create_task(self._load(gid), name=f"tokentee-hub-load-{gid}")
@@ -313,12 +329,11 @@ class Hub:
         stream = await asyncio.shield(loading)
         registered = self._streams.get(gid)
         if registered is not None:
-            return registered
+            return registered, False
         self._streams[gid] = stream
         if stream.live:
             self._by_key[stream.log_key.encode()] = stream
-            await self._wake_reader()
-        return stream
+        return stream, stream.live
 
     async def _load(self, gid: str) -> _Stream:
         meta = await self.log.meta(gid)
@@ -337,8 +352,6 @@ class Hub:
     def _release(self, stream: _Stream) -> None:
         if stream.cursors:
             return
-        if not any(s.cursors for s in self._streams.values()):
-            self.idle.set()
         if self._streams.get(stream.gid) is stream:
             del self._streams[stream.gid]
         if self._by_key.get(stream.log_key.encode()) is stream:
@@ -392,7 +405,7 @@ class Hub:
             self._blocked = False
         self.reads += 1
         for key, entries in reply or []:
-            if key == self._wake_key.encode():
+            if key == self._wake_key_bytes:
                 self._wake_last = entries[-1][0].decode()
                 continue
             target = self._by_key.get(key)
@@ -408,8 +421,11 @@ class Hub:
 
     def _dispatch(self, stream: _Stream, entries: list[StreamEntry]) -> None:
         events = [e for e in decode_entries(entries) if e.seq > stream.head]
-        if not events:
-            return
+        if events:
+            self._deliver(stream, events)
+
+    def _deliver(self, stream: _Stream, events: list[Event]) -> None:
+        """Hand new entries (ascending, after ``head``) to every cursor of the stream."""
         stream.head = events[-1].seq
         stream.activity = time.monotonic()
         if events[-1].terminal:
@@ -425,14 +441,7 @@ class Hub:
         if stream is None or not stream.live:
             return
         logger.warning("generation %s vanished from Redis; ending its readers", gid)
-        lost = Event(
-            seq=stream.head + 1, type="error",
-            data={"code": "log_lost", "message": "the log of this generation is gone"},
-        )
-        stream.head = stream.terminal_seq = lost.seq
-        self._by_key.pop(stream.log_key.encode(), None)
-        for cursor in stream.cursors:
-            cursor._offer([lost])
+        self._deliver(stream, [_lost(stream.head + 1)])
 
     # --- the reaper ----------------------------------------------------------------------------
 

@@ -237,7 +237,10 @@ class GenerationLog:
             owner, mode, etype, dumps(data), f"{now * 1000:.3f}", status,
             finish_reason, self.retention_seconds,
         ]
-        for k, v in {"finished": f"{now:.6f}", **(meta or {})}.items():
+        fields = {"finished": f"{now:.6f}", **(meta or {})}
+        if etype == "error":
+            fields["error_code"] = str(data.get("code", "error"))
+        for k, v in fields.items():
             args += [k, v]
         seq, st = await self._finish(keys=list(keys.all()), args=args)
         return int(seq), st.decode() if isinstance(st, bytes) else str(st)
@@ -253,10 +256,9 @@ class GenerationLog:
         state = raw.decode() if isinstance(raw, bytes) else str(raw)
         if state == "orphaned":
             # No producer holds the lease: nobody would notice the flag, so end it here.
-            await self.finish(gid, "cancelled", {"reason": reason}, mode="orphaned",
-                              finish_reason="cancelled")
-            meta = await self.meta(gid)
-            return meta.status if meta else ""
+            _, status = await self.finish(gid, "cancelled", {"reason": reason},
+                                          mode="orphaned", finish_reason="cancelled")
+            return status
         if state == "running":
             await self.redis.xadd(
                 self.keyspace.control, {"op": "cancel", "id": gid, "reason": reason},
@@ -274,7 +276,7 @@ class GenerationLog:
         seq, status = await self.finish(
             gid, "error", {"code": "producer_lost",
                            "message": "the producer of this generation stopped responding"},
-            mode="orphaned", finish_reason="error", meta={"error_code": "producer_lost"},
+            mode="orphaned", finish_reason="error",
         )
         if seq:
             logger.warning("generation %s: producer lost, ended with error", gid)

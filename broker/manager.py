@@ -183,13 +183,13 @@ class GenerationManager:
         """
         self._closing = True
         try:
-            loop = asyncio.get_running_loop()
-            grace_ends = loop.time() + self.settings.shutdown_grace_seconds
-            # A start() already past its _closing check can still register a producer while
-            # we wait: loop until none is left.
-            while self._producers:
-                tasks = [task for _, task in self._producers.values()]
-                _, pending = await asyncio.wait(tasks, timeout=max(0, grace_ends - loop.time()))
+            # No producer can register after this point: start() re-checks _closing after
+            # its only await, so this snapshot is complete.
+            tasks = [task for _, task in self._producers.values()]
+            if tasks:
+                _, pending = await asyncio.wait(
+                    tasks, timeout=self.settings.shutdown_grace_seconds
+                )
                 for gid, (producer, task) in list(self._producers.items()):
                     if task in pending and not producer.finishing:
                         producer.cancel_reason = "shutdown"

@@ -32,7 +32,6 @@ from broker.events import (
     TextDelta,
     UpstreamFailure,
     Usage,
-    clean_text,
     dumps,
 )
 from broker.log import GenerationFenced, GenerationLog
@@ -152,9 +151,7 @@ class Producer:
                 # the finish script numbers it after what the log really holds.
                 logger.exception("generation %s: could not flush %d entries", self.gid,
                                  len(self._pending))
-        extra = {"error_code": str(data["code"])} if etype == "error" else {}
-        if self._usage is not None:
-            extra["usage"] = dumps(self._usage)
+        extra = {"usage": dumps(self._usage)} if self._usage is not None else {}
         try:
             seq, status = await self._retrying(
                 functools.partial(
@@ -228,7 +225,10 @@ class Producer:
         self._carry = ""
         if "\ud800" <= text[-1] <= "\udbff":
             text, self._carry = text[:-1], text[-1]
-        return clean_text(text.encode("utf-16", "surrogatepass").decode("utf-16", "replace"))
+        if text.isascii():
+            return text
+        # Re-pair surrogates through UTF-16; any left unpaired come back as U+FFFD.
+        return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
 
     async def _writer(self) -> None:
         batch_size = self.settings.append_batch

@@ -169,3 +169,30 @@ async def test_reaper_survives_a_redis_error_that_is_not_a_disconnect(
 
 async def _collect(broker: Broker, gid: str) -> list[Event]:
     return [e async for e in broker.events(gid)]
+
+
+async def test_a_subscriber_cancelled_while_waking_the_hub_leaves_nothing_behind(
+    broker: Broker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    info = await broker.start(GenerationRequest(
+        REQUEST.messages, params={"max_tokens": 100_000, "tokens_per_second": 10}))
+    waking = asyncio.Event()
+
+    async def stuck_wake() -> None:
+        waking.set()
+        await asyncio.Event().wait()  # a wake that never completes
+
+    monkeypatch.setattr(broker.hub, "_wake_reader", stuck_wake)
+
+    async def read() -> None:
+        async for _event in broker.events(info.id):
+            pass
+
+    reader = asyncio.create_task(read())
+    await waking.wait()
+    reader.cancel()
+    await asyncio.gather(reader, return_exceptions=True)
+    assert broker.hub.stream_count == 0
+    assert broker.hub.cursor_count == 0
+    assert broker.hub.idle.is_set()
+    await broker.cancel(info.id)

@@ -115,7 +115,6 @@ def create_app(
 
     @app.get("/v1/streams/{gid}", response_model=StreamStatus)
     async def get_stream(gid: str, request: Request) -> StreamStatus:
-        check_id(gid)
         state = await get_broker(request).state(gid)
         meta = state.meta
         usage = meta.extra.get("usage")
@@ -152,7 +151,7 @@ def create_app(
     ) -> Response:
         """Every event after the resume point.  ``Last-Event-ID`` (what a reconnecting
         EventSource sends) wins over ``after``."""
-        check_id(gid)
+        check_id(gid)  # before the resume id: an unknown stream is 404 whatever the header
         try:
             resume = parse_resume_id(last_event_id or after) or 0
         except ValueError as exc:
@@ -178,7 +177,6 @@ def create_app(
 
     @app.post("/v1/streams/{gid}/cancel", status_code=202, response_model=CancelAccepted)
     async def cancel_stream(gid: str, request: Request) -> CancelAccepted:
-        check_id(gid)
         status = await get_broker(request).cancel(gid)
         return CancelAccepted(id=gid, status=status)
 

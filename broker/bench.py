@@ -19,7 +19,6 @@ import os
 import platform
 import secrets
 import signal
-import socket
 import sys
 import time
 from collections import Counter
@@ -33,7 +32,7 @@ import redis.asyncio as aioredis
 from httpx_sse import SSEError, aconnect_sse
 from redis.exceptions import RedisError
 
-from broker.embedded import _parent_death_preexec, embedded_redis
+from broker.embedded import _parent_death_preexec, embedded_redis, free_loopback_port
 from broker.errors import TokenteeError
 from broker.events import TERMINAL_TYPES
 from broker.keys import Keyspace, seq_of
@@ -158,7 +157,7 @@ async def _via_api(settings: Settings, url: str, run: _Run, limit: float) -> dic
 
 
 async def _via_sse(settings: Settings, url: str, run: _Run, limit: float) -> dict[str, Any]:
-    port = _free_port()
+    port = free_loopback_port()  # if taken meanwhile, _wait_ready reports the exit
     env = {**os.environ, "REDIS_URL": url, "TOKENTEE_REDIS_URL": url,
            "TOKENTEE_KEY_PREFIX": settings.key_prefix, "TOKENTEE_HOST": "127.0.0.1"}
     proc = await asyncio.create_subprocess_exec(
@@ -412,11 +411,3 @@ def _percentile(ordered: list[float], q: float) -> float | None:
 def _cpu(process: psutil.Process) -> float:
     times = process.cpu_times()
     return float(times.user + times.system)
-
-
-def _free_port() -> int:
-    # Free now; if another process takes it before the child binds, the child exits and
-    # _wait_ready reports that.
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])

@@ -125,9 +125,9 @@ def _bundled_redis_server() -> str | None:
     return None
 
 
-def _free_loopback_port() -> int:
-    # The port is free now; another process could take it before redis binds it.  That race
-    # surfaces as redis's "Address already in use" in the EmbeddedRedisError, not as a hang.
+def free_loopback_port() -> int:
+    """A loopback TCP port that is free now.  Another process could take it before the caller
+    binds it; for redis that race surfaces as "Address already in use", not as a hang."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
         probe.bind(("127.0.0.1", 0))
         port: int = probe.getsockname()[1]
@@ -409,7 +409,7 @@ class EmbeddedRedisProcess:
                 )
             args += ["--port", "0", "--unixsocket", sock, "--unixsocketperm", "700"]
             return args, f"unix://{sock}"
-        port = _free_loopback_port()
+        port = free_loopback_port()
         args += ["--port", str(port), "--bind", "127.0.0.1"]
         return args, f"redis://127.0.0.1:{port}"
 

@@ -107,11 +107,7 @@ class Cursor:
     async def __anext__(self) -> Event:
         while True:
             if self._buffer:
-                event = self._buffer.popleft()
-                self.last = event.seq
-                if event.terminal:
-                    self._done = True
-                return event
+                return self._take()
             if self._done or self.closed:
                 raise StopAsyncIteration
             if self._behind:
@@ -126,12 +122,15 @@ class Cursor:
         send several events in one write."""
         out: list[Event] = []
         while self._buffer and len(out) < limit and not self._done:
-            event = self._buffer.popleft()
-            self.last = event.seq
-            if event.terminal:
-                self._done = True
-            out.append(event)
+            out.append(self._take())
         return out
+
+    def _take(self) -> Event:
+        event = self._buffer.popleft()
+        self.last = event.seq
+        if event.terminal:
+            self._done = True
+        return event
 
     async def _catch_up(self) -> None:
         stream = self._stream

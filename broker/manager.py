@@ -95,7 +95,7 @@ class GenerationManager:
         ttl = int(self.settings.max_generation_seconds + self.settings.retention_seconds) + 60
         created = await self.log.create(
             gid, provider=name, model=model, owner=self.owner,
-            lease_ms=int(self.settings.lease_seconds * 1000), ttl_seconds=ttl,
+            lease_ms=self.settings.lease_ms, ttl_seconds=ttl,
         )
         if self._closing:
             # aclose() began while we created it: it would not see this producer.  End the
@@ -122,10 +122,7 @@ class GenerationManager:
         entry = self._producers.get(gid)
         if entry is None:
             return False
-        producer, task = entry
-        if not producer.finishing:  # a finishing producer is already writing its terminal
-            producer.cancel_reason = reason
-            task.cancel()
+        _cancel(*entry, reason)
         return True
 
     async def wait(self, gid: str) -> None:
@@ -159,7 +156,7 @@ class GenerationManager:
     async def _renew_leases(self) -> None:
         """Keep leases of quiet producers alive (appends renew them too)."""
         interval = self.settings.lease_seconds / 3
-        lease_ms = int(self.settings.lease_seconds * 1000)
+        lease_ms = self.settings.lease_ms
         while True:
             raise_if_cancelled()
             await asyncio.sleep(interval)
@@ -191,9 +188,7 @@ class GenerationManager:
                     tasks, timeout=self.settings.shutdown_grace_seconds
                 )
                 for gid, (producer, task) in list(self._producers.items()):
-                    if task in pending and not producer.finishing:
-                        producer.cancel_reason = "shutdown"
-                        task.cancel()
+                    if task in pending and _cancel(producer, task, "shutdown"):
                         logger.info("generation %s cancelled by shutdown", gid)
                 await asyncio.gather(*pending, return_exceptions=True)
         finally:
@@ -203,3 +198,13 @@ class GenerationManager:
                 if isinstance(outcome, Exception):
                     logger.error("manager task had failed: %r", outcome)
             self._background = []
+
+
+def _cancel(producer: Producer, task: asyncio.Task[None], reason: str) -> bool:
+    """Cancel a producer's task unless it is already writing its terminal entry (which a
+    cancellation could only interrupt).  Returns whether it was cancelled."""
+    if producer.finishing:
+        return False
+    producer.cancel_reason = reason
+    task.cancel()
+    return True

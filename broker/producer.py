@@ -72,7 +72,7 @@ class Producer:
         self.request = request
         self.settings = settings
         self.owner = owner
-        self.lease_ms = int(settings.lease_seconds * 1000)
+        self.lease_ms = settings.lease_ms
         self.cancel_reason = "requested"
         self.seq = 0
         self._pending: list[PendingEntry] = []

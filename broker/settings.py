@@ -108,6 +108,10 @@ class Settings(BaseSettings):
         return value
 
     @property
+    def lease_ms(self) -> int:
+        return int(self.lease_seconds * 1000)
+
+    @property
     def redis_socket_timeout(self) -> float:
         """Socket timeout for every Redis connection: above the BLOCK time, never None.
 

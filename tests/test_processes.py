@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -15,6 +14,7 @@ from dataclasses import dataclass
 import httpx
 import pytest
 
+from broker.embedded import free_loopback_port
 from broker.events import Event
 from broker.service import Broker
 from broker.settings import Settings
@@ -27,16 +27,10 @@ class ServerProcess:
     url: str
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @contextlib.asynccontextmanager
 async def serve_process(settings: Settings) -> AsyncIterator[ServerProcess]:
     """``tokentee serve`` as a child process on the test Redis, with the test's key prefix."""
-    port = _free_port()
+    port = free_loopback_port()
     env = {
         **os.environ,
         "REDIS_URL": settings.redis_url or "",

@@ -337,8 +337,9 @@ async def _read_back(
         entries = cast(list[tuple[str, dict[str, str]]], await probe.xrange(keys.log))
         for eid, fields in entries:
             stamps[(gid, seq_of(eid))] = float(fields["ts"]) / 1000  # stored in ms
-        await probe.delete(*keys.all())
-    await probe.delete(keyspace.catalog, keyspace.control)
+    # Everything under the run's own prefix: logs, consumer checkpoints and outputs, ...
+    async for key in probe.scan_iter(match=f"{keyspace.prefix}:*", count=1000):
+        await probe.unlink(key)
     return stamps
 
 

@@ -26,12 +26,46 @@ def serve(
     host: Annotated[str | None, typer.Option(help="Interface to bind.")] = None,
     port: Annotated[int | None, typer.Option(help="Port to bind.")] = None,
     log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
+    no_consumers: Annotated[bool, typer.Option(
+        "--no-consumers", help="Do not run the durable consumers (TOKENTEE_CONSUMERS) here.",
+    )] = False,
 ) -> None:
-    """Run the HTTP API (embedded Redis and the simulated provider unless configured)."""
+    """Run the HTTP API (embedded Redis and the simulated provider unless configured).
+
+    Also runs one worker of each durable consumer type in TOKENTEE_CONSUMERS (sentences and
+    analytics by default) unless --no-consumers.
+    """
     from broker.server import serve as run
 
     logging.basicConfig(level=log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
-    asyncio.run(run(_settings(host=host, port=port), log_level=log_level.lower()))
+    settings = _settings(host=host, port=port, consumers="" if no_consumers else None)
+    asyncio.run(run(settings, log_level=log_level.lower()))
+
+
+@app.command()
+def consume(
+    consumer_type: Annotated[str, typer.Argument(
+        metavar="TYPE", help="sentences, analytics, or module:Class for your own type.",
+    )],
+    workers: Annotated[int, typer.Option(min=1, help="Worker processes to run.")] = 1,
+    log_level: Annotated[str, typer.Option(help="Log level.")] = "info",
+) -> None:
+    """Run durable consumer workers against the broker's Redis (REDIS_URL required).
+
+    SIGTERM drains: no new generations, held ones finish or are checkpointed and handed
+    over within TOKENTEE_SHUTDOWN_GRACE_SECONDS, then exit 0.
+    """
+    from consumers.process import ConsumerConfigError, load_consumer_type, run_worker, supervise
+
+    logging.basicConfig(level=log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    settings = _settings()
+    try:
+        if workers > 1:
+            raise typer.Exit(supervise(consumer_type, workers, settings))
+        asyncio.run(run_worker(settings, load_consumer_type(consumer_type, settings)))
+    except ConsumerConfigError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
 
 
 @app.command()

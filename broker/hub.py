@@ -97,6 +97,12 @@ class Cursor:
         return self._stream.gid
 
     @property
+    def head(self) -> int:
+        """The highest seq this process knows the log to hold (a reader's lag is
+        ``head - last``)."""
+        return self._stream.head
+
+    @property
     def finished(self) -> bool:
         """True once the terminal event was returned (or the reader resumed after it)."""
         return self._done

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 # id can be a hash tag and a path segment without escaping.  Parsing accepts the same
 # alphabet from user input and nothing else.
 GENERATION_ID_RE = re.compile(r"[A-Za-z0-9_-]{8,64}")
+# Consumer type names become consumer group names and key segments.
+CONSUMER_TYPE_RE = re.compile(r"[a-z][a-z0-9_-]{0,31}")
 
 
 def new_generation_id() -> str:
@@ -23,6 +25,10 @@ def new_generation_id() -> str:
 
 def is_generation_id(value: str) -> bool:
     return bool(GENERATION_ID_RE.fullmatch(value))
+
+
+def is_consumer_type(value: str) -> bool:
+    return bool(CONSUMER_TYPE_RE.fullmatch(value))
 
 
 def entry_id(seq: int) -> str:
@@ -77,6 +83,50 @@ class Keyspace:
     def control(self) -> str:
         """Stream of control messages (cancel requests) that every broker process follows."""
         return f"{self.prefix}:control"
+
+    # --- durable consumers ----------------------------------------------------------------
+    # A consumer type's per-generation keys share the generation's hash tag, so a worker's
+    # commit (checkpoint + output + waking a held producer) is one single-slot script.
+
+    def checkpoint(self, gid: str, ctype: str) -> str:
+        """Hash: a consumer type's position in one generation (seq, state, owner, ...)."""
+        return f"{self.prefix}:{{{gid}}}:c:{ctype}"
+
+    def output(self, gid: str, ctype: str) -> str:
+        """Stream: the records a consumer type emitted for one generation (``0-<index>``)."""
+        return f"{self.prefix}:{{{gid}}}:out:{ctype}"
+
+    @property
+    def _consumers(self) -> str:
+        # One hash tag for the liveness keys, which one heartbeat script writes together.
+        return f"{self.prefix}:{{{self.prefix}:consumers}}"
+
+    @property
+    def consumer_types(self) -> str:
+        """Hash: consumer type -> last worker heartbeat (Redis clock, ms).  Producers are held
+        back only by types whose heartbeat is recent."""
+        return f"{self._consumers}:types"
+
+    def consumer_workers(self, ctype: str) -> str:
+        """Hash: worker id -> JSON status (heartbeat, generations in hand, lag)."""
+        return f"{self._consumers}:{ctype}:workers"
+
+    def dead_letters(self, ctype: str) -> str:
+        """Stream: entries a consumer type gave up on after repeated failures."""
+        return f"{self.prefix}:consumers:{ctype}:dlq"
+
+    @property
+    def dead_letter_counts(self) -> str:
+        """Hash: consumer type -> number of entries dead-lettered (never trimmed)."""
+        return f"{self._consumers}:dead-letters"
+
+    def totals(self, ctype: str) -> str:
+        """Hash: totals a consumer type adds once per generation (analytics counters)."""
+        return f"{self.prefix}:{{consumers:{ctype}}}:totals"
+
+    def totals_applied(self, ctype: str) -> str:
+        """Sorted set (same slot as ``totals``): generations already added, by time."""
+        return f"{self.prefix}:{{consumers:{ctype}}}:applied"
 
     def hub_wake(self, hub_id: str) -> str:
         """Private stream a hub includes in its blocking read, to be woken for new streams."""

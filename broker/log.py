@@ -25,6 +25,7 @@ import redis.asyncio as aioredis
 
 from broker.events import STATUSES, Event, decode_entry, dumps, encode_fields
 from broker.keys import GenerationKeys, Keyspace, entry_id, seq_of
+from broker.settings import Settings
 
 logger = logging.getLogger(__name__)
 
@@ -101,6 +102,23 @@ if redis.call('EXISTS', KEYS[4]) == 1 then return 'running' end
 return 'orphaned'
 """
 
+# KEYS: meta, then the checkpoint of each live consumer type.  ARGV: resume mark.
+# Returns the slowest type's position.  Below the mark, records the mark in the meta so that
+# the commit that reaches it wakes the producer (consumers.store._COMMIT).
+_HOLD = """
+local slowest = nil
+for i = 2, #KEYS do
+  local seq = tonumber(redis.call('HGET', KEYS[i], 'seq') or '0')
+  if slowest == nil or seq < slowest then slowest = seq end
+end
+if slowest < tonumber(ARGV[1]) then
+  redis.call('HSET', KEYS[1], 'hold', ARGV[1])
+else
+  redis.call('HDEL', KEYS[1], 'hold')
+end
+return slowest
+"""
+
 
 @dataclass(frozen=True, slots=True)
 class GenerationMeta:
@@ -167,6 +185,15 @@ class GenerationLog:
         self._append = redis.register_script(_APPEND)
         self._finish = redis.register_script(_FINISH)
         self._request_cancel = redis.register_script(_REQUEST_CANCEL)
+        self._hold = redis.register_script(_HOLD)
+
+    @classmethod
+    def for_settings(cls, redis: aioredis.Redis, settings: Settings) -> GenerationLog:
+        return cls(
+            redis, Keyspace(settings.key_prefix), retention_seconds=settings.retention_seconds,
+            max_entries=settings.max_entries, catalog_maxlen=settings.catalog_maxlen,
+            control_maxlen=settings.control_maxlen,
+        )
 
     def keys(self, gid: str) -> GenerationKeys:
         return self.keyspace.generation(gid)
@@ -266,6 +293,14 @@ class GenerationLog:
             )
         return state
 
+    async def hold(self, gid: str, consumer_types: list[str], resume_at: int) -> int:
+        """The position of the slowest of ``consumer_types`` on ``gid``; below ``resume_at``
+        the generation is marked held, so the consumer commit that reaches the mark wakes
+        the producer (through the control stream)."""
+        keys = [self.keys(gid).meta,
+                *(self.keyspace.checkpoint(gid, ctype) for ctype in consumer_types)]
+        return int(await self._hold(keys=keys, args=[resume_at]))
+
     async def reap_if_orphaned(self, gid: str) -> str:
         """End a running generation whose producer lost its lease (crashed process).
 
@@ -291,7 +326,7 @@ class GenerationLog:
             return None
         d = {k.decode(): v.decode() for k, v in raw.items()}
         known = {"id", "status", "provider", "model", "created", "last_seq", "finished",
-                 "finish_reason", "cancel"}
+                 "finish_reason", "cancel", "hold"}
         status = d.get("status", "running")
         return GenerationMeta(
             id=d.get("id", gid),

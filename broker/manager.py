@@ -18,6 +18,7 @@ from typing import cast
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from broker.backpressure import ConsumerGate
 from broker.connections import raise_if_cancelled
 from broker.errors import ShuttingDown
 from broker.keys import new_generation_id
@@ -43,13 +44,14 @@ class GenerationManager:
 
     def __init__(
         self, log: GenerationLog, providers: ProviderRegistry, settings: Settings,
-        control_redis: aioredis.Redis,
+        control_redis: aioredis.Redis, gate: ConsumerGate | None = None,
     ) -> None:
         self.log = log
         self.providers = providers
         self.settings = settings
         self.owner = f"p-{secrets.token_hex(8)}"
         self._control_redis = control_redis
+        self.gate = gate
         self._producers: dict[str, tuple[Producer, asyncio.Task[None]]] = {}
         self._background: list[asyncio.Task[None]] = []
         self._closing = False
@@ -103,7 +105,8 @@ class GenerationManager:
             await self.log.finish(gid, "cancelled", {"reason": "shutdown"}, owner=self.owner,
                                   finish_reason="cancelled")
             raise ShuttingDown("this broker process is shutting down")
-        producer = Producer(self.log, gid, provider, request, self.settings, self.owner)
+        producer = Producer(self.log, gid, provider, request, self.settings, self.owner,
+                            self.gate)
         task = asyncio.create_task(producer.run(), name=f"tokentee-producer-{gid}")
         self._producers[gid] = (producer, task)
         task.add_done_callback(lambda _t, gid=gid: self._producer_done(gid))  # type: ignore[misc]
@@ -132,7 +135,8 @@ class GenerationManager:
             await asyncio.gather(entry[1], return_exceptions=True)
 
     async def _follow_control(self, last_id: str) -> None:
-        """Blocking read of the control stream: act on cancels for local producers."""
+        """Blocking read of the control stream: act on cancels for local producers, and
+        pass consumer progress to producers held back by them."""
         key = self.log.keyspace.control
         while True:
             raise_if_cancelled()
@@ -147,11 +151,14 @@ class GenerationManager:
             for _key, entries in reply:
                 for entry_id, fields in entries:
                     last_id = entry_id.decode()
-                    if fields.get(b"op") == b"cancel":
-                        gid = fields.get(b"id", b"").decode()
+                    op = fields.get(b"op")
+                    gid = fields.get(b"id", b"").decode()
+                    if op == b"cancel":
                         reason = fields.get(b"reason", b"requested").decode()
                         if self.cancel_local(gid, reason):
                             logger.info("cancelling generation %s (%s)", gid, reason)
+                    elif op == b"progress" and self.gate is not None:
+                        self.gate.notify(gid)
 
     async def _renew_leases(self) -> None:
         """Keep leases of quiet producers alive (appends renew them too)."""

@@ -26,6 +26,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from broker.backpressure import ConsumerGate
 from broker.events import (
     Finish,
     ProviderEvent,
@@ -64,7 +65,7 @@ class Producer:
 
     def __init__(
         self, log: GenerationLog, gid: str, provider: Provider, request: GenerationRequest,
-        settings: Settings, owner: str,
+        settings: Settings, owner: str, gate: ConsumerGate | None = None,
     ) -> None:
         self.log = log
         self.gid = gid
@@ -82,6 +83,11 @@ class Producer:
         self._usage: dict[str, Any] | None = None
         self.finishing = False  # writing the terminal entry: further cancels are refused
         self._carry = ""  # a high surrogate whose pair may start the next delta
+        # Backpressure: the highest seq we may read up to before asking the log how far the
+        # slowest live consumer type is (None: no live consumer type holds us back).
+        self.gate = gate if gate is not None and gate.enabled else None
+        self._limit = 0
+        self._limit_version = -1  # gate.version the limit was computed for
 
     async def run(self) -> None:
         terminal: Terminal | None = None
@@ -203,6 +209,11 @@ class Producer:
                             (self.seq, "token", {"text": text}, time.time(), text)
                         )
                         self._wake.set()
+                        gate = self.gate
+                        if gate is not None and gate.live and (
+                            self.seq >= self._limit or self._limit_version != gate.version
+                        ):
+                            await self._hold()
                         if len(self._pending) >= high_water:
                             self._drained.clear()
                             await self._drained.wait()
@@ -216,6 +227,25 @@ class Producer:
                     case UpstreamFailure(code=code, message=message):
                         return _error(code, message)
         return _error("upstream_incomplete", "the upstream stream ended without finishing")
+
+    async def _hold(self) -> None:
+        """At the backpressure limit: stop reading the upstream (TCP flow control then
+        reaches the LLM server) until every live consumer type is within the window again,
+        with a quarter window of hysteresis.  See :mod:`broker.backpressure`."""
+        gate = self.gate
+        assert gate is not None
+        resume_at = self.seq - gate.max_lag + max(1, gate.max_lag // 4)
+        with gate.holding(self.gid) as wake:
+            while gate.live:
+                wake.clear()
+                version = gate.version
+                slowest = await self._retrying(
+                    functools.partial(self.log.hold, self.gid, list(gate.live), resume_at)
+                )
+                self._limit, self._limit_version = slowest + gate.max_lag, version
+                if slowest >= resume_at:
+                    return
+                await gate.wait(wake)
 
     def _whole_characters(self, text: str) -> str:
         """Token text that Redis can store.  A provider that decodes JSON escapes per chunk

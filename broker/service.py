@@ -13,23 +13,26 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
 import redis.asyncio as aioredis
 
+from broker.backpressure import ConsumerGate
 from broker.connections import blocking_client, command_client
 from broker.embedded import embedded_redis
 from broker.errors import GenerationNotFound
 from broker.events import Event
 from broker.hub import Cursor, Hub
-from broker.keys import Keyspace, is_generation_id
+from broker.keys import is_generation_id
 from broker.log import GenerationLog, GenerationMeta
 from broker.manager import GenerationInfo, GenerationManager
 from broker.providers import ProviderRegistry
 from broker.providers.base import GenerationRequest
 from broker.settings import Settings
 from consumers.catalog import Announcement, follow_catalog
+from consumers.runtime import ConsumerType, Worker, running_workers
+from consumers.store import ConsumerStore
 
 logger = logging.getLogger(__name__)
 
@@ -57,17 +60,22 @@ class Broker:
         self.hub = hub
         self.manager = manager
         self.url = url
+        self.gate: ConsumerGate | None = None
+        self.workers: list[Worker] = []
+        self.consumer_store = ConsumerStore(redis, log.keyspace, settings.retention_seconds)
 
     @classmethod
     @contextlib.asynccontextmanager
     async def open(
         cls, settings: Settings, *, redis_url: str | None = None,
-        providers: ProviderRegistry | None = None,
+        providers: ProviderRegistry | None = None, consumers: Sequence[ConsumerType] = (),
     ) -> AsyncIterator[Broker]:
         """Connect (or start an embedded Redis if no URL is configured) and run.
 
         ``redis_url`` overrides ``settings.redis_url``.  ``providers`` defaults to the
-        registry built from the settings.
+        registry built from the settings.  ``consumers``: durable consumer types to run a
+        worker of in this process (sharing its hub); on exit, producers drain first, then
+        these workers, so the consumers that hold producers back outlive them.
         """
         async with contextlib.AsyncExitStack() as stack:
             url = redis_url or settings.redis_url
@@ -83,16 +91,21 @@ class Broker:
             stack.push_async_callback(control_redis.aclose)
             registry = providers or ProviderRegistry.from_settings(settings)
             stack.push_async_callback(registry.aclose)
-            log = GenerationLog(
-                redis, Keyspace(settings.key_prefix),
-                retention_seconds=settings.retention_seconds, max_entries=settings.max_entries,
-                catalog_maxlen=settings.catalog_maxlen, control_maxlen=settings.control_maxlen,
-            )
+            log = GenerationLog.for_settings(redis, settings)
             hub = await stack.enter_async_context(Hub(log, hub_redis, settings))
-            manager = await stack.enter_async_context(
-                GenerationManager(log, registry, settings, control_redis)
+            gate = await stack.enter_async_context(
+                ConsumerGate(redis, log.keyspace, settings)
             )
-            yield cls(settings, redis, log, hub, manager, url)
+            workers = await stack.enter_async_context(running_workers(
+                consumers, settings, redis_url=url, redis=redis, log=log, hub=hub,
+            ))
+            manager = await stack.enter_async_context(
+                GenerationManager(log, registry, settings, control_redis, gate)
+            )
+            broker = cls(settings, redis, log, hub, manager, url)
+            broker.gate = gate
+            broker.workers = workers
+            yield broker
 
     # --- producing --------------------------------------------------------------------------
 

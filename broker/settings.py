@@ -13,6 +13,8 @@ import re
 from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from broker.keys import is_consumer_type
+
 _PREFIX_RE = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 
 
@@ -55,6 +57,44 @@ class Settings(BaseSettings):
     catalog_maxlen: int = Field(default=100_000, ge=100)
     control_maxlen: int = Field(default=10_000, ge=100)
     shutdown_grace_seconds: float = Field(default=5.0, ge=0)
+
+    # --- durable consumers and backpressure --------------------------------------------
+    max_lag: int = Field(
+        default=1_000, ge=0,
+        description="A producer stays at most this many entries ahead of the slowest live"
+        " consumer type on its generation (0: consumers never hold producers back).",
+    )
+    stall_timeout_seconds: float = Field(
+        default=30.0, gt=0,
+        description="A consumer type with no worker heartbeat for this long is reported as"
+        " stalled and no longer holds producers back.",
+    )
+    claim_idle_seconds: float = Field(
+        default=10.0, gt=0,
+        description="A generation whose worker has not checked in for this long is taken over"
+        " by another worker of the same type (XAUTOCLAIM).",
+    )
+    consumer_concurrency: int = Field(
+        default=64, ge=1, description="Generations one consumer worker processes at once."
+    )
+    consumer_batch: int = Field(
+        default=256, ge=1, description="Most entries a worker handles per checkpoint."
+    )
+    max_deliveries: int = Field(
+        default=5, ge=1,
+        description="Attempts at an entry whose handler keeps failing before it goes to the"
+        " consumer type's dead-letter stream.",
+    )
+    consumers: str = Field(
+        default="sentences,analytics",
+        description="Consumer types `tokentee serve` runs in-process (comma-separated; empty:"
+        " none, as with --no-consumers).",
+    )
+    sentences_sink: str = Field(
+        default="-",
+        description="Where the sentence logger writes JSON lines: '-' (stdout), 'off', or a"
+        " file path (appended to).",
+    )
 
     # --- SSE ---------------------------------------------------------------------------
     heartbeat_seconds: float = Field(default=15.0, gt=0)
@@ -106,6 +146,24 @@ class Settings(BaseSettings):
         if not _PREFIX_RE.fullmatch(value):
             raise ValueError("key_prefix must be 1-64 characters of [A-Za-z0-9_.:-]")
         return value
+
+    @field_validator("consumers")
+    @classmethod
+    def _check_consumers(cls, value: str) -> str:
+        names = [n.strip() for n in value.split(",") if n.strip()]
+        for name in names:
+            if not is_consumer_type(name):
+                raise ValueError(f"consumer type {name!r} must match [a-z][a-z0-9_-]{{0,31}}")
+        return ",".join(names)
+
+    @property
+    def consumer_types(self) -> list[str]:
+        return [n for n in self.consumers.split(",") if n]
+
+    @property
+    def consumer_heartbeat_seconds(self) -> float:
+        """How often a worker checks in: well inside both the claim and the stall timeouts."""
+        return min(self.claim_idle_seconds, self.stall_timeout_seconds) / 4
 
     @property
     def lease_ms(self) -> int:

@@ -11,13 +11,17 @@ from typing import Annotated
 
 from fastapi import FastAPI, Header, HTTPException, Query, Request, Response
 from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST
 from redis.exceptions import RedisError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from broker.api.schemas import (
     CancelAccepted,
     CreateStream,
+    Sentence,
     StreamCreated,
+    StreamSentences,
+    StreamStats,
     StreamStatus,
 )
 from broker.errors import (
@@ -28,10 +32,15 @@ from broker.errors import (
     UnknownProvider,
 )
 from broker.keys import is_generation_id
+from broker.log import GenerationMeta
 from broker.providers.base import GenerationRequest
 from broker.service import Broker
 from broker.settings import Settings
 from broker.sse import EventStreamResponse, parse_resume_id
+from consumers.metrics import render as render_metrics
+from consumers.process import load_consumer_type
+from consumers.stats import GenerationStats
+from consumers.store import Checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +62,8 @@ def create_app(
             app.state.broker = broker
             yield
             return
-        async with Broker.open(settings) as own:
+        types = [load_consumer_type(name, settings) for name in settings.consumer_types]
+        async with Broker.open(settings, consumers=types) as own:
             app.state.broker = own
             try:
                 yield
@@ -179,6 +189,51 @@ def create_app(
     async def cancel_stream(gid: str, request: Request) -> CancelAccepted:
         status = await get_broker(request).cancel(gid)
         return CancelAccepted(id=gid, status=status)
+
+    async def consumer_progress(
+        b: Broker, gid: str, ctype: str
+    ) -> tuple[GenerationMeta, Checkpoint | None]:
+        check_id(gid)
+        meta = await b.log.meta(gid)
+        if meta is None:
+            raise GenerationNotFound(gid)
+        return meta, await b.consumer_store.checkpoint(gid, ctype)
+
+    @app.get("/v1/streams/{gid}/sentences", response_model=StreamSentences)
+    async def stream_sentences(
+        gid: str, request: Request, after: Annotated[int, Query(ge=0)] = 0,
+    ) -> StreamSentences:
+        """The sentences the sentence logger has completed so far (``after``: skip the first
+        ``after``).  Empty, not complete, until the logger reaches the generation."""
+        b = get_broker(request)
+        _, cp = await consumer_progress(b, gid, "sentences")
+        records = await b.consumer_store.records(gid, "sentences", after=after)
+        return StreamSentences(
+            id=gid, consumer="sentences", processed_seq=cp.seq if cp else 0,
+            complete=bool(cp and cp.done),
+            sentences=[Sentence.model_validate(r) for r in records],
+        )
+
+    @app.get("/v1/streams/{gid}/stats", response_model=StreamStats)
+    async def stream_stats(gid: str, request: Request) -> StreamStats:
+        """The analytics counter's statistics of the generation, live while it runs."""
+        b = get_broker(request)
+        meta, cp = await consumer_progress(b, gid, "analytics")
+        saved = cp.state.get("stats") if cp else None
+        stats = GenerationStats.from_state(saved) if saved else GenerationStats.begin(
+            created=meta.created, provider=meta.provider, model=meta.model
+        )
+        return StreamStats(
+            id=gid, consumer="analytics", processed_seq=cp.seq if cp else 0,
+            complete=bool(cp and cp.done), **stats.summary(),
+        )
+
+    @app.get("/metrics", response_class=Response)
+    async def metrics(request: Request) -> Response:
+        """Prometheus metrics: analytics totals, consumer liveness, lag and dead letters."""
+        b = get_broker(request)
+        body = await render_metrics(b.redis, b.log.keyspace, settings)
+        return Response(body, media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/healthz")
     async def healthz(request: Request) -> JSONResponse:

@@ -63,3 +63,50 @@ class StreamStatus(BaseModel):
 class CancelAccepted(BaseModel):
     id: str
     status: str
+
+
+class ConsumerProgress(BaseModel):
+    consumer: str = Field(description="the consumer type")
+    processed_seq: int = Field(description="id of the last event the consumer has processed")
+    complete: bool = Field(description="the consumer has processed the terminal event")
+
+
+class Sentence(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    generation: str
+    index: int = Field(description="1-based position of the sentence in the generation")
+    text: str
+    started: float = Field(description="unix time of the token that began the sentence")
+    completed: float = Field(description="unix time of the entry that completed it")
+    seq_first: int
+    seq_last: int
+
+
+class StreamSentences(ConsumerProgress):
+    id: str
+    sentences: list[Sentence]
+
+
+class GapStats(BaseModel):
+    p50: float | None
+    p95: float | None
+    max: float | None
+    count: int
+
+
+class StreamStats(ConsumerProgress):
+    id: str
+    status: str
+    provider: str
+    model: str
+    tokens: int
+    characters: int
+    time_to_first_token_ms: float | None
+    duration_ms: float | None
+    tokens_per_second: float | None
+    inter_token_gap_ms: GapStats
+    finish_reason: str | None
+    error_code: str | None
+    usage: dict[str, Any] | None
+    lost_entries: int

@@ -1,0 +1,126 @@
+"""Running consumer workers as processes: ``tokentee consume TYPE [--workers N]``.
+
+One worker process is a :class:`~consumers.runtime.Worker` with its own Redis clients and
+hub, running until SIGTERM or SIGINT, then draining (exit status 0).  With ``--workers N`` a
+small supervisor starts N such processes, passes SIGTERM/SIGINT on to them, restarts one
+that dies while the supervisor is not stopping, and exits when all have drained.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib
+import logging
+import signal
+import subprocess
+import sys
+import time
+
+from broker.connections import blocking_client, command_client
+from broker.errors import TokenteeError
+from broker.hub import Hub
+from broker.log import GenerationLog
+from broker.settings import Settings
+from consumers.analytics import Analytics
+from consumers.runtime import ConsumerType, running_workers
+from consumers.sentences import Sentences
+
+logger = logging.getLogger(__name__)
+
+
+class ConsumerConfigError(TokenteeError, ValueError):
+    """A consumer type that cannot be loaded, or a worker without a Redis to work on."""
+
+
+def load_consumer_type(spec: str, settings: Settings) -> ConsumerType:
+    """``sentences``, ``analytics``, or ``package.module:ClassName`` for your own type (a
+    :class:`ConsumerType` subclass constructible without arguments)."""
+    if spec == "sentences":
+        return Sentences.from_settings(settings)
+    if spec == "analytics":
+        return Analytics()
+    module_name, _, class_name = spec.partition(":")
+    if not module_name or not class_name:
+        raise ConsumerConfigError(
+            f"unknown consumer type {spec!r}: use sentences, analytics or module:Class"
+        )
+    try:
+        cls = getattr(importlib.import_module(module_name), class_name)
+    except (ImportError, AttributeError) as exc:
+        raise ConsumerConfigError(f"cannot load consumer type {spec!r}: {exc}") from exc
+    if not (isinstance(cls, type) and issubclass(cls, ConsumerType)):
+        raise ConsumerConfigError(f"{spec!r} is not a ConsumerType subclass")
+    return cls()
+
+
+async def run_worker(settings: Settings, ctype: ConsumerType,
+                     stop: asyncio.Event | None = None) -> None:
+    """One worker of ``ctype`` until ``stop`` is set (default: SIGTERM or SIGINT), then drain."""
+    url = settings.redis_url
+    if url is None:
+        raise ConsumerConfigError(
+            "a consumer worker needs the broker's Redis: set REDIS_URL (or TOKENTEE_REDIS_URL)"
+        )
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    redis = command_client(url, settings)
+    hub_redis = blocking_client(url, settings, "hub")
+    try:
+        await redis.ping()
+        log = GenerationLog.for_settings(redis, settings)
+        async with Hub(log, hub_redis, settings) as hub, running_workers(
+            [ctype], settings, redis_url=url, redis=redis, log=log, hub=hub,
+        ):
+            await stop.wait()
+            logger.info("consumer %s: stopping (draining for up to %.0f s)", ctype.name,
+                        settings.shutdown_grace_seconds)
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+        await hub_redis.aclose()
+        await redis.aclose()
+
+
+def supervise(spec: str, workers: int, settings: Settings) -> int:
+    """Run ``workers`` worker processes of ``spec``; returns the exit status."""
+    load_consumer_type(spec, settings)  # fail here, once, on a bad spec
+    if settings.redis_url is None:
+        raise ConsumerConfigError(
+            "a consumer worker needs the broker's Redis: set REDIS_URL (or TOKENTEE_REDIS_URL)"
+        )
+    command = [sys.executable, "-m", "broker", "consume", spec, "--workers", "1"]
+    stopping = False
+
+    def stop(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+        for child in children:
+            with contextlib.suppress(ProcessLookupError):
+                child.send_signal(signum)
+
+    # The children inherit the environment, so they see the same settings.
+    children = [subprocess.Popen(command) for _ in range(workers)]
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    status = 0
+    try:
+        while children:
+            for child in list(children):
+                code = child.poll()
+                if code is None:
+                    continue
+                if stopping:
+                    children.remove(child)
+                    status = status or code
+                else:
+                    logger.error("consumer %s worker (pid %d) exited with %d; restarting in"
+                                 " 1 s", spec, child.pid, code)
+                    time.sleep(1.0)
+                    children[children.index(child)] = subprocess.Popen(command)
+            time.sleep(0.2)  # a supervisor of a handful of children: waitpid polling is fine
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return status

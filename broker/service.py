@@ -99,6 +99,8 @@ class Broker:
             workers = await stack.enter_async_context(running_workers(
                 consumers, settings, redis_url=url, redis=redis, log=log, hub=hub,
             ))
+            if workers and gate.enabled:
+                await gate.refresh()  # our own workers just checked in: count them at once
             manager = await stack.enter_async_context(
                 GenerationManager(log, registry, settings, control_redis, gate)
             )

@@ -36,6 +36,7 @@ import contextlib
 import inspect
 import json
 import logging
+import os
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -174,7 +175,7 @@ class Worker:
         self.hub = hub
         self.keyspace = log.keyspace
         self.store = ConsumerStore(redis, log.keyspace, settings.retention_seconds)
-        self.name = name or f"w-{secrets.token_hex(6)}"
+        self.name = name or f"w-{os.getpid()}-{secrets.token_hex(4)}"
         self._held: dict[str, _Held] = {}  # catalog entry id -> generation in hand
         self._room = asyncio.Event()  # set while fewer than consumer_concurrency are held
         self._room.set()

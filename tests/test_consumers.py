@@ -1,0 +1,474 @@
+"""Durable consumers in one process: delivery, exactly-once commits, fencing, dead letters,
+backpressure and stall, drain and handover, and the HTTP views of their results."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from broker.events import Event
+from broker.providers.base import GenerationRequest
+from broker.providers.simulated import tokenize
+from broker.service import Broker
+from broker.settings import Settings
+from consumers.analytics import Analytics
+from consumers.runtime import ConsumerType, Generation, Worker
+from consumers.segment import SentenceSegmenter
+from consumers.sentences import JsonLinesSink, Sentences
+from consumers.stats import GenerationStats
+from consumers.store import ConsumerStore, Fenced
+from tests.conftest import delete_prefix, make_settings, running_server
+
+TEXT = (
+    "Dr. Smith paid $3.50 for v1.2.3 at 9 a.m. today. Was it worth it?! "
+    "He said \"yes.\" Then he left.\n\n- one item\n- another item\n"
+    "```python\nx = 1. + 2.\nprint(x)\n```\nThe end"
+)
+
+
+def request(text: str = TEXT, rate: float = 0, **params: Any) -> GenerationRequest:
+    return GenerationRequest(messages=[{"role": "user", "content": "x"}],
+                             params={"text": text, "tokens_per_second": rate, **params})
+
+
+def prose(tokens: int) -> GenerationRequest:
+    return GenerationRequest(messages=[{"role": "user", "content": "x"}],
+                             params={"max_tokens": tokens, "tokens_per_second": 0})
+
+
+def kill(worker: Worker) -> None:
+    """Stop a worker the way SIGKILL would, as far as Redis can tell: every task gone, no
+    drain, no parking, no acknowledgement."""
+    tasks = [*worker._takers, *(h.task for h in worker._held.values())]
+    if worker._heartbeat_task is not None:
+        tasks.append(worker._heartbeat_task)
+    for task in tasks:
+        task.cancel()
+    worker._takers, worker._heartbeat_task = [], None
+
+
+def expected_sentences(text: str) -> list[str]:
+    seg = SentenceSegmenter()
+    out = [s for token in tokenize(text) for s in seg.feed(token)]
+    return out + seg.flush()
+
+
+async def until(predicate: Callable[[], Awaitable[bool]], timeout: float = 20.0) -> None:
+    """Await a condition that lives in Redis (no event to wait on from here): re-check
+    every 20 ms, bounded by ``timeout``."""
+    async with asyncio.timeout(timeout):
+        while not await predicate():
+            await asyncio.sleep(0.02)
+
+
+async def consumed(store: ConsumerStore, gid: str, *types: str) -> None:
+    async def done() -> bool:
+        for ctype in types:
+            cp = await store.checkpoint(gid, ctype)
+            if cp is None or not cp.done:
+                return False
+        return True
+    await until(done)
+
+
+async def acked(broker: Broker, group: str) -> None:
+    async def empty() -> bool:
+        info = await broker.redis.xpending(broker.log.keyspace.catalog, group)
+        return int(info["pending"]) == 0
+    await until(empty)
+
+
+@contextlib.asynccontextmanager
+async def consumer_broker(settings: Settings, types: Sequence[ConsumerType]
+                          ) -> AsyncIterator[Broker]:
+    async with Broker.open(settings, consumers=types) as b:
+        yield b
+
+
+@pytest.fixture
+async def fast(redis_url: str) -> AsyncIterator[Settings]:
+    s = make_settings(redis_url, claim_idle_seconds=1.0, stall_timeout_seconds=2.0,
+                      max_deliveries=3)
+    yield s
+    await delete_prefix(redis_url, s.key_prefix)
+
+
+# --- the two shipped types, end to end ------------------------------------------------
+
+
+async def test_sentences_and_stats_over_http(fast: Settings, tmp_path: Path) -> None:
+    sink = tmp_path / "sentences.jsonl"
+    types = [Sentences(JsonLinesSink(str(sink))), Analytics()]
+    async with consumer_broker(fast, types) as broker, running_server(fast, broker) as url, \
+            httpx.AsyncClient(base_url=url) as http:
+        gid = (await broker.start(request())).id
+        await consumed(broker.consumer_store, gid, "sentences", "analytics")
+
+        body = (await http.get(f"/v1/streams/{gid}/sentences")).json()
+        want = expected_sentences(TEXT)
+        assert [s["text"] for s in body["sentences"]] == want
+        assert want[:2] == ["Dr. Smith paid $3.50 for v1.2.3 at 9 a.m. today.",
+                            "Was it worth it?!"]
+        assert want[-2:] == ["```python\nx = 1. + 2.\nprint(x)\n```", "The end"]
+        assert [s["index"] for s in body["sentences"]] == list(range(1, len(want) + 1))
+        assert body["complete"] is True
+        assert all(s["generation"] == gid and s["started"] <= s["completed"]
+                   for s in body["sentences"])
+        later = (await http.get(f"/v1/streams/{gid}/sentences", params={"after": 3})).json()
+        assert [s["index"] for s in later["sentences"]] == list(range(4, len(want) + 1))
+
+        lines = [json.loads(line) for line in sink.read_text().splitlines()]
+        assert [(r["generation"], r["index"], r["text"]) for r in lines] == [
+            (gid, i, t) for i, t in enumerate(want, start=1)
+        ]
+
+        stats = (await http.get(f"/v1/streams/{gid}/stats")).json()
+        tokens = tokenize(TEXT)
+        assert stats["complete"] is True
+        assert stats["tokens"] == len(tokens)
+        assert stats["characters"] == len(TEXT)
+        assert stats["status"] == "done" and stats["finish_reason"] == "stop"
+        assert stats["provider"] == "simulated" and stats["model"] == "simulated-1"
+        assert stats["inter_token_gap_ms"]["count"] == len(tokens) - 1
+        assert stats["time_to_first_token_ms"] >= 0
+        assert stats["usage"]["completion_tokens"] == len(tokens)
+
+        await acked(broker, "analytics")  # totals are added before the ack
+        metrics = (await http.get("/metrics")).text
+        samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+                   for family in text_string_to_metric_families(metrics)
+                   for s in family.samples}
+        provider = (("model", "simulated-1"), ("provider", "simulated"))
+        assert samples[("tokentee_tokens_total", provider)] == len(tokens)
+        assert samples[("tokentee_generations_total", (
+            ("finish_reason", "stop"), *provider, ("status", "done")))] == 1
+        assert samples[("tokentee_consumer_up", (("type", "sentences"),))] == 1
+        assert samples[("tokentee_consumer_workers", (("type", "analytics"),))] == 1
+        assert samples[("tokentee_consumer_dead_letters_total", (("type", "analytics"),))] == 0
+        assert samples[("tokentee_consumer_backlog_generations", (("type", "analytics"),))] == 0
+
+        assert (await http.get("/v1/streams/gNOSUCHGENERATION/stats")).status_code == 404
+        assert (await http.get("/v1/streams/bad{id}/sentences")).status_code == 404
+
+
+async def test_sentence_is_emitted_before_the_generation_ends(fast: Settings) -> None:
+    text = "First sentence here. Then " + " ".join(["more"] * 40) + "."
+    async with consumer_broker(fast, [Sentences()]) as broker:
+        gid = (await broker.start(request(text, rate=40))).id
+
+        async def first_out() -> bool:
+            return bool(await broker.consumer_store.records(gid, "sentences"))
+        await until(first_out)
+        meta = await broker.log.meta(gid)
+        assert meta is not None and meta.status == "running"
+        assert meta.last_seq < len(tokenize(text))
+        records = await broker.consumer_store.records(gid, "sentences")
+        assert [r["text"] for r in records] == ["First sentence here."]
+        await broker.cancel(gid)
+
+
+async def test_stats_before_the_analytics_consumer_reached_it(settings: Settings) -> None:
+    async with Broker.open(settings) as broker, running_server(settings, broker) as url, \
+            httpx.AsyncClient(base_url=url) as http:
+        gid = (await broker.start(request())).id
+        stats = (await http.get(f"/v1/streams/{gid}/stats")).json()
+        assert stats["complete"] is False and stats["processed_seq"] == 0
+        assert stats["tokens"] == 0
+        sentences = (await http.get(f"/v1/streams/{gid}/sentences")).json()
+        assert sentences == {"id": gid, "consumer": "sentences", "processed_seq": 0,
+                             "complete": False, "sentences": []}
+
+
+# --- a consumer type of one's own ----------------------------------------------------------
+
+
+class Words(ConsumerType):
+    """The kind of type a user writes: count words, emit the total at the end."""
+
+    name = "words"
+
+    def __init__(self, fail: Callable[[Event], bool] | None = None) -> None:
+        self.fail = fail or (lambda event: False)
+        self.calls: list[int] = []
+
+    def start(self, gen: Generation) -> None:
+        gen.state["words"] = 0
+
+    def token(self, gen: Generation, event: Event) -> None:
+        self.calls.append(event.seq)
+        if self.fail(event):
+            raise RuntimeError(f"poison at {event.seq}")
+        gen.state["words"] += len(event.text.split())
+        gen.emit({"seq": event.seq})
+
+    def end(self, gen: Generation, event: Event) -> None:
+        gen.emit({"words": gen.state["words"], "status": event.type})
+
+
+async def test_every_type_sees_every_generation_once(fast: Settings) -> None:
+    words = Words()
+    async with consumer_broker(fast, [words, Analytics()]) as broker:
+        gids = [(await broker.start(request(f"gen {i} has five words", rate=0))).id
+                for i in range(5)]
+        for gid in gids:
+            await consumed(broker.consumer_store, gid, "words", "analytics")
+            records = await broker.consumer_store.records(gid, "words")
+            assert records[-1] == {"words": 5, "status": "done", "generation": gid,
+                                   "index": 6}
+            assert [r.get("seq") for r in records[:-1]] == [1, 2, 3, 4, 5]
+        await acked(broker, "analytics")
+        totals = await broker.consumer_store.totals("analytics")
+        assert totals["tokens|simulated|simulated-1"] == 25
+        assert totals["generations|done|stop|simulated|simulated-1"] == 5
+
+
+async def test_transient_handler_failure_is_retried_from_the_checkpoint(
+    fast: Settings,
+) -> None:
+    attempts = {"n": 0}
+
+    def flaky(event: Event) -> bool:
+        if event.seq == 3 and attempts["n"] < 2:
+            attempts["n"] += 1
+            return True
+        return False
+
+    words = Words(flaky)
+    async with consumer_broker(fast, [words]) as broker:
+        gid = (await broker.start(request("one two three four five"))).id
+        await consumed(broker.consumer_store, gid, "words")
+        records = await broker.consumer_store.records(gid, "words")
+        assert [r.get("seq") for r in records] == [1, 2, 3, 4, 5, None]
+        assert records[-1]["words"] == 5
+        assert await broker.redis.xlen(broker.log.keyspace.dead_letters("words")) == 0
+
+
+async def test_poison_entry_goes_to_the_dead_letter_stream(
+    fast: Settings, caplog: pytest.LogCaptureFixture,
+) -> None:
+    words = Words(lambda event: event.seq == 3)
+    async with consumer_broker(fast, [words]) as broker, \
+            running_server(fast, broker) as url, httpx.AsyncClient(base_url=url) as http:
+        gid = (await broker.start(request("one two three four five"))).id
+        await consumed(broker.consumer_store, gid, "words")
+        records = await broker.consumer_store.records(gid, "words")
+        # The rest kept flowing: every entry but the poison one, then the end.
+        assert [r.get("seq") for r in records] == [1, 2, 4, 5, None]
+        assert records[-1]["words"] == 4
+        assert words.calls.count(3) == fast.max_deliveries
+        dlq = await broker.redis.xrange(broker.log.keyspace.dead_letters("words"))
+        assert len(dlq) == 1
+        fields = {k.decode(): v.decode() for k, v in dlq[0][1].items()}
+        assert fields["generation"] == gid and fields["seq"] == "3"
+        assert fields["attempts"] == str(fast.max_deliveries)
+        assert fields["entry_type"] == "token"
+        assert json.loads(fields["entry_data"]) == {"text": " three"}
+        assert "poison at 3" in fields["error"]
+        assert "moved to the dead-letter stream" in caplog.text
+        metrics = (await http.get("/metrics")).text
+        assert 'tokentee_consumer_dead_letters_total{type="words"} 1.0' in metrics
+
+
+# --- exactly once: fencing and redelivery ---------------------------------------------------
+
+
+async def test_commit_is_fenced_and_idempotent(settings: Settings, broker: Broker) -> None:
+    store = broker.consumer_store
+    gid = (await broker.start(request("a b c"))).id
+    first = await store.take(gid, "t", "w1")
+    assert first is not None and first.seq == 0
+    count, _ = await store.commit(gid, "t", "w1", expected=0, seq=2, state={"n": 2},
+                                  sunk=0, done=False, records=[{"x": 1}])
+    assert count == 1
+    # A second worker takes over: the first one's next commit is refused.
+    second = await store.take(gid, "t", "w2")
+    assert second is not None
+    assert (second.seq, second.state, second.records) == (2, {"n": 2}, 1)
+    with pytest.raises(Fenced):
+        await store.commit(gid, "t", "w1", expected=2, seq=3, state={"n": 3}, sunk=1,
+                           done=True, records=[{"x": 2}])
+    # A commit from a stale position is refused too (no double effects).
+    with pytest.raises(Fenced):
+        await store.commit(gid, "t", "w2", expected=0, seq=3, state={}, sunk=1, done=True,
+                           records=[{"x": 2}])
+    count, _ = await store.commit(gid, "t", "w2", expected=2, seq=3, state={"n": 3},
+                                  sunk=1, done=True, records=[{"x": 2}])
+    assert count == 2
+    assert await store.records(gid, "t") == [{"x": 1}, {"x": 2}]
+
+
+async def test_totals_are_added_once_per_generation(broker: Broker) -> None:
+    store = broker.consumer_store
+    assert await store.add_once("analytics", "gA", {"tokens|p|m": 3}) is True
+    assert await store.add_once("analytics", "gA", {"tokens|p|m": 3}) is False
+    assert await store.add_once("analytics", "gB", {"tokens|p|m": 4}) is True
+    assert (await store.totals("analytics"))["tokens|p|m"] == 7
+
+
+class Blocking(ConsumerType):
+    """Stops at one entry until released: a slow or stuck consumer."""
+
+    name = "slow"
+
+    def __init__(self, stop_at: int) -> None:
+        self.stop_at = stop_at
+        self.reached = asyncio.Event()
+        self.release = asyncio.Event()
+        self.tokens = 0
+
+    async def token(self, gen: Generation, event: Event) -> None:
+        if event.seq == self.stop_at:
+            self.reached.set()
+            await self.release.wait()
+        self.tokens += 1
+        gen.state["n"] = gen.state.get("n", 0) + 1
+
+
+async def test_takeover_after_a_worker_stops_continues_from_the_checkpoint(
+    fast: Settings,
+) -> None:
+    """A worker that stops without draining (its tasks die): another worker takes the
+    generation over after claim_idle, from the checkpoint, and the result is exact."""
+    settings = fast.model_copy(update={"max_lag": 0})
+    stuck = Blocking(stop_at=5)
+    text = " ".join(f"w{i}" for i in range(40))
+    async with Broker.open(settings) as broker, contextlib.AsyncExitStack() as stack:
+        # The first worker, in a broker of its own, dies mid-generation.
+        first = await stack.enter_async_context(Broker.open(settings, consumers=[stuck]))
+        stack.callback(stuck.release.set)  # runs first: lets the dead task's handler go
+        gid = (await broker.start(request(text))).id
+        await stuck.reached.wait()
+        kill(first.workers[0])
+        before = await broker.consumer_store.checkpoint(gid, "slow")
+        assert before is not None and before.seq < 5
+        # A second worker of the same type takes it over once it is idle long enough.
+        other = Blocking(stop_at=-1)
+        async with consumer_broker(settings, [other]) as second:
+            await consumed(second.consumer_store, gid, "slow")
+            cp = await second.consumer_store.checkpoint(gid, "slow")
+            assert cp is not None and cp.state["n"] == 40  # each token counted once
+            assert other.tokens == 40 - before.seq  # it went on from the checkpoint
+
+
+# --- backpressure ------------------------------------------------------------------------
+
+
+async def test_slow_consumer_holds_the_producer_within_max_lag(fast: Settings) -> None:
+    settings = fast.model_copy(update={"max_lag": 20, "stall_timeout_seconds": 30.0})
+    slow = Blocking(stop_at=5)
+    async with consumer_broker(settings, [slow]) as broker:
+        gid = (await broker.start(prose(300))).id
+        await slow.reached.wait()
+
+        async def held() -> bool:
+            return bool(await broker.redis.hexists(broker.log.keys(gid).meta, "hold"))
+        await until(held)
+        meta = await broker.log.meta(gid)
+        cp = await broker.consumer_store.checkpoint(gid, "slow")
+        assert meta is not None and meta.status == "running"
+        # The consumer is stuck before entry 5; the producer is at most max_lag beyond it.
+        committed = cp.seq if cp else 0
+        assert committed < 5
+        assert meta.last_seq <= committed + 20
+        assert broker.gate is not None and broker.gate.holds >= 1
+        slow.release.set()
+        await consumed(broker.consumer_store, gid, "slow")
+        meta = await broker.log.meta(gid)
+        assert meta is not None and meta.status == "done" and meta.last_seq == 301
+        assert slow.tokens == 300
+
+
+async def test_stalled_consumer_type_stops_holding_producers_back(
+    fast: Settings, caplog: pytest.LogCaptureFixture,
+) -> None:
+    settings = fast.model_copy(update={"max_lag": 10, "stall_timeout_seconds": 1.0,
+                                       "claim_idle_seconds": 60.0})
+    # A type that checked in once and then vanished (its worker killed).
+    store_broker = Broker.open(settings)
+    async with store_broker as broker:
+        await broker.consumer_store.heartbeat("ghost", "w-dead", {}, 60_000)
+        assert broker.gate is not None
+        await broker.gate.refresh()
+        gid = (await broker.start(prose(100))).id
+        async for _ in broker.events(gid):
+            pass  # completes: the ghost stops counting after the stall timeout
+        meta = await broker.log.meta(gid)
+        assert meta is not None and meta.status == "done" and meta.last_seq == 101
+        assert broker.gate.live == () and broker.gate.stalled == ("ghost",)
+        assert "'ghost' has had no live worker" in caplog.text
+        async with running_server(settings, broker) as url, \
+                httpx.AsyncClient(base_url=url) as http:
+            metrics = (await http.get("/metrics")).text
+        assert 'tokentee_consumer_up{type="ghost"} 0.0' in metrics
+
+    # The type returns later and catches up from the log.
+    late = Words()
+    late.name = "ghost"
+    async with consumer_broker(settings, [late]) as broker:
+        await consumed(broker.consumer_store, gid, "ghost")
+        records = await broker.consumer_store.records(gid, "ghost")
+        assert len(records) == 101
+
+
+async def test_sse_readers_never_hold_the_producer(fast: Settings) -> None:
+    settings = fast.model_copy(update={"max_lag": 10})
+    async with consumer_broker(settings, [Words()]) as broker, \
+            broker.subscribe((await broker.start(prose(2_000))).id) as cursor:
+        gid = cursor.gid
+        # The reader takes nothing while the producer writes all 2,000 tokens; only the
+        # consumer type paces it.
+        await broker.manager.wait(gid)
+        meta = await broker.log.meta(gid)
+        assert meta is not None and meta.status == "done"
+        assert cursor.last == 0
+
+
+# --- drain ----------------------------------------------------------------------------------
+
+
+async def test_drain_checkpoints_and_hands_over_at_once(fast: Settings) -> None:
+    settings = fast.model_copy(update={"max_lag": 0, "shutdown_grace_seconds": 0.2,
+                                       "claim_idle_seconds": 1.0})
+    stuck = Blocking(stop_at=5)
+    text = " ".join(f"w{i}" for i in range(30))
+    async with Broker.open(settings) as broker:
+        async with consumer_broker(settings, [stuck]) as first:
+            gid = (await broker.start(request(text))).id
+            await stuck.reached.wait()
+            worker = first.workers[0]
+        # Drained: the task was stopped after the grace period, its entry parked.
+        assert worker._held == {}
+        pending = await broker.redis.xpending_range(
+            broker.log.keyspace.catalog, "slow", min="-", max="+", count=10)
+        assert [p["consumer"] for p in pending] == [b"parked"]
+        assert pending[0]["time_since_delivered"] >= 10_000
+        other = Blocking(stop_at=-1)
+        async with consumer_broker(settings, [other]) as second:
+            await consumed(second.consumer_store, gid, "slow")
+            cp = await second.consumer_store.checkpoint(gid, "slow")
+            assert cp is not None and cp.state["n"] == 30
+        stuck.release.set()
+
+
+def test_consumer_type_names_are_checked() -> None:
+    class Bad(ConsumerType):
+        name = "Bad Name"
+
+    with pytest.raises(ValueError, match="must match"):
+        Worker(Bad(), Settings(), redis=None, group_redis=None,  # type: ignore[arg-type]
+               log=None, hub=None)  # type: ignore[arg-type]
+
+
+def test_stats_state_survives_json() -> None:
+    stats = GenerationStats.begin(created=1.0, provider="p", model="m")
+    stats.on_token(1.5, "hi")
+    again = GenerationStats.from_state(json.loads(json.dumps(stats.to_state())))
+    assert again.summary() == stats.summary()

@@ -61,11 +61,11 @@ def expected_sentences(text: str) -> list[str]:
     return out + seg.flush()
 
 
-async def until(predicate: Callable[[], Awaitable[bool]], timeout: float = 20.0) -> None:
-    """Await a condition that lives in Redis (no event to wait on from here): re-check
-    every 20 ms, bounded by ``timeout``."""
-    async with asyncio.timeout(timeout):
-        while not await predicate():
+async def until(predicate: Callable[[], Awaitable[bool]], limit: float = 20.0) -> None:
+    """Await a condition that lives in Redis, with no event to wait on from here: re-check
+    every 20 ms, bounded by ``limit`` seconds."""
+    async with asyncio.timeout(limit):
+        while not await predicate():  # noqa: ASYNC110 - the condition is in another process
             await asyncio.sleep(0.02)
 
 
@@ -135,8 +135,10 @@ async def test_sentences_and_stats_over_http(fast: Settings, tmp_path: Path) -> 
         assert stats["complete"] is True
         assert stats["tokens"] == len(tokens)
         assert stats["characters"] == len(TEXT)
-        assert stats["status"] == "done" and stats["finish_reason"] == "stop"
-        assert stats["provider"] == "simulated" and stats["model"] == "simulated-1"
+        assert stats["status"] == "done"
+        assert stats["finish_reason"] == "stop"
+        assert stats["provider"] == "simulated"
+        assert stats["model"] == "simulated-1"
         assert stats["inter_token_gap_ms"]["count"] == len(tokens) - 1
         assert stats["time_to_first_token_ms"] >= 0
         assert stats["usage"]["completion_tokens"] == len(tokens)
@@ -168,7 +170,8 @@ async def test_sentence_is_emitted_before_the_generation_ends(fast: Settings) ->
             return bool(await broker.consumer_store.records(gid, "sentences"))
         await until(first_out)
         meta = await broker.log.meta(gid)
-        assert meta is not None and meta.status == "running"
+        assert meta is not None
+        assert meta.status == "running"
         assert meta.last_seq < len(tokenize(text))
         records = await broker.consumer_store.records(gid, "sentences")
         assert [r["text"] for r in records] == ["First sentence here."]
@@ -180,7 +183,8 @@ async def test_stats_before_the_analytics_consumer_reached_it(settings: Settings
             httpx.AsyncClient(base_url=url) as http:
         gid = (await broker.start(request())).id
         stats = (await http.get(f"/v1/streams/{gid}/stats")).json()
-        assert stats["complete"] is False and stats["processed_seq"] == 0
+        assert stats["complete"] is False
+        assert stats["processed_seq"] == 0
         assert stats["tokens"] == 0
         sentences = (await http.get(f"/v1/streams/{gid}/sentences")).json()
         assert sentences == {"id": gid, "consumer": "sentences", "processed_seq": 0,
@@ -267,7 +271,8 @@ async def test_poison_entry_goes_to_the_dead_letter_stream(
         dlq = await broker.redis.xrange(broker.log.keyspace.dead_letters("words"))
         assert len(dlq) == 1
         fields = {k.decode(): v.decode() for k, v in dlq[0][1].items()}
-        assert fields["generation"] == gid and fields["seq"] == "3"
+        assert fields["generation"] == gid
+        assert fields["seq"] == "3"
         assert fields["attempts"] == str(fast.max_deliveries)
         assert fields["entry_type"] == "token"
         assert json.loads(fields["entry_data"]) == {"text": " three"}
@@ -284,7 +289,8 @@ async def test_commit_is_fenced_and_idempotent(settings: Settings, broker: Broke
     store = broker.consumer_store
     gid = (await broker.start(request("a b c"))).id
     first = await store.take(gid, "t", "w1")
-    assert first is not None and first.seq == 0
+    assert first is not None
+    assert first.seq == 0
     count, _ = await store.commit(gid, "t", "w1", expected=0, seq=2, state={"n": 2},
                                   sunk=0, done=False, records=[{"x": 1}])
     assert count == 1
@@ -348,13 +354,15 @@ async def test_takeover_after_a_worker_stops_continues_from_the_checkpoint(
         await stuck.reached.wait()
         kill(first.workers[0])
         before = await broker.consumer_store.checkpoint(gid, "slow")
-        assert before is not None and before.seq < 5
+        assert before is not None
+        assert before.seq < 5
         # A second worker of the same type takes it over once it is idle long enough.
         other = Blocking(stop_at=-1)
         async with consumer_broker(settings, [other]) as second:
             await consumed(second.consumer_store, gid, "slow")
             cp = await second.consumer_store.checkpoint(gid, "slow")
-            assert cp is not None and cp.state["n"] == 40  # each token counted once
+            assert cp is not None
+            assert cp.state["n"] == 40
             assert other.tokens == 40 - before.seq  # it went on from the checkpoint
 
 
@@ -373,16 +381,20 @@ async def test_slow_consumer_holds_the_producer_within_max_lag(fast: Settings) -
         await until(held)
         meta = await broker.log.meta(gid)
         cp = await broker.consumer_store.checkpoint(gid, "slow")
-        assert meta is not None and meta.status == "running"
+        assert meta is not None
+        assert meta.status == "running"
         # The consumer is stuck before entry 5; the producer is at most max_lag beyond it.
         committed = cp.seq if cp else 0
         assert committed < 5
         assert meta.last_seq <= committed + 20
-        assert broker.gate is not None and broker.gate.holds >= 1
+        assert broker.gate is not None
+        assert broker.gate.holds >= 1
         slow.release.set()
         await consumed(broker.consumer_store, gid, "slow")
         meta = await broker.log.meta(gid)
-        assert meta is not None and meta.status == "done" and meta.last_seq == 301
+        assert meta is not None
+        assert meta.status == "done"
+        assert meta.last_seq == 301
         assert slow.tokens == 300
 
 
@@ -401,8 +413,11 @@ async def test_stalled_consumer_type_stops_holding_producers_back(
         async for _ in broker.events(gid):
             pass  # completes: the ghost stops counting after the stall timeout
         meta = await broker.log.meta(gid)
-        assert meta is not None and meta.status == "done" and meta.last_seq == 101
-        assert broker.gate.live == () and broker.gate.stalled == ("ghost",)
+        assert meta is not None
+        assert meta.status == "done"
+        assert meta.last_seq == 101
+        assert broker.gate.live == ()
+        assert broker.gate.stalled == ("ghost",)
         assert "'ghost' has had no live worker" in caplog.text
         async with running_server(settings, broker) as url, \
                 httpx.AsyncClient(base_url=url) as http:
@@ -410,8 +425,10 @@ async def test_stalled_consumer_type_stops_holding_producers_back(
         assert 'tokentee_consumer_up{type="ghost"} 0.0' in metrics
 
     # The type returns later and catches up from the log.
-    late = Words()
-    late.name = "ghost"
+    class Ghost(Words):
+        name = "ghost"
+
+    late = Ghost()
     async with consumer_broker(settings, [late]) as broker:
         await consumed(broker.consumer_store, gid, "ghost")
         records = await broker.consumer_store.records(gid, "ghost")
@@ -427,7 +444,8 @@ async def test_sse_readers_never_hold_the_producer(fast: Settings) -> None:
         # consumer type paces it.
         await broker.manager.wait(gid)
         meta = await broker.log.meta(gid)
-        assert meta is not None and meta.status == "done"
+        assert meta is not None
+        assert meta.status == "done"
         assert cursor.last == 0
 
 
@@ -449,12 +467,13 @@ async def test_drain_checkpoints_and_hands_over_at_once(fast: Settings) -> None:
         pending = await broker.redis.xpending_range(
             broker.log.keyspace.catalog, "slow", min="-", max="+", count=10)
         assert [p["consumer"] for p in pending] == [b"parked"]
-        assert pending[0]["time_since_delivered"] >= 10_000
+        assert int(pending[0]["time_since_delivered"]) >= 10_000
         other = Blocking(stop_at=-1)
         async with consumer_broker(settings, [other]) as second:
             await consumed(second.consumer_store, gid, "slow")
             cp = await second.consumer_store.checkpoint(gid, "slow")
-            assert cp is not None and cp.state["n"] == 30
+            assert cp is not None
+            assert cp.state["n"] == 30
         stuck.release.set()
 
 

@@ -39,6 +39,9 @@ from broker.keys import Keyspace, seq_of
 from broker.providers.base import GenerationRequest
 from broker.service import Broker
 from broker.settings import Settings
+from consumers.analytics import Analytics
+from consumers.runtime import ConsumerType
+from consumers.sentences import Sentences
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +71,7 @@ class _Run:
     tokens: int
     rate: float
     probe: aioredis.Redis  # the bench's one Redis connection
+    consumers: bool = False  # run the sentence logger and the analytics counter too
     results: list[_Reader] = field(default_factory=list)
     gids: list[str] = field(default_factory=list)
     timed_out: bool = False
@@ -82,6 +86,7 @@ Follow = Callable[[str, _Reader], Awaitable[None]]
 
 async def run_bench(
     settings: Settings, *, generations: int, readers: int, tokens: int, rate: float, via: str,
+    consumers: bool = False,
 ) -> bool:
     """Run the benchmark, print one JSON object on stdout, and return True if every reader
     got every entry (T tokens and the terminal one) exactly once and in order.
@@ -89,6 +94,9 @@ async def run_bench(
     A failing reader counts as missing deliveries.  Reading is cut off after
     ``3 * tokens / rate + 30`` seconds (``timed_out``).  The run uses a fresh key prefix and
     deletes its keys at the end.  Setup failure (no server) is logged and returns False.
+
+    With ``consumers``, the broker also runs one sentence-logger and one analytics worker
+    (backpressure on), and the report says when they had processed every generation.
     """
     if via not in ("api", "sse"):
         raise ValueError("via must be 'api' or 'sse'")
@@ -104,7 +112,7 @@ async def run_bench(
             protocol=2,
         )
         stack.push_async_callback(probe.aclose)
-        run = _Run(generations, readers, tokens, rate, probe)
+        run = _Run(generations, readers, tokens, rate, probe, consumers)
         # Connected before the broker starts: this probe, and other clients of a shared Redis.
         outsiders = int((await probe.info("clients"))["connected_clients"])
         try:
@@ -120,7 +128,8 @@ async def run_bench(
 
 
 async def _via_api(settings: Settings, url: str, run: _Run, limit: float) -> dict[str, Any]:
-    async with Broker.open(settings, redis_url=url) as broker:
+    types: list[ConsumerType] = [Sentences(), Analytics()] if run.consumers else []
+    async with Broker.open(settings, redis_url=url, consumers=types) as broker:
         params = {"max_tokens": run.tokens, "tokens_per_second": run.rate}
 
         async def create() -> tuple[str, str]:
@@ -139,6 +148,9 @@ async def _via_api(settings: Settings, url: str, run: _Run, limit: float) -> dic
                     "cpu_seconds": round(_cpu(me) - cpu, 3),
                     "rss_mb": round(me.memory_info().rss / 2**20, 1),
                     "hub_xread_calls": broker.hub.reads - reads}
+        if run.consumers:  # before the consumers stop with the broker
+            measured["consumers"] = await _consumer_report(settings, run, limit)
+            measured["consumers"]["producer_holds"] = broker.gate.holds if broker.gate else 0
         # Cancel from a second broker (another process, as far as Redis can tell).
         async with Broker.open(settings, redis_url=url) as other:
             endless = GenerationRequest(
@@ -159,7 +171,9 @@ async def _via_api(settings: Settings, url: str, run: _Run, limit: float) -> dic
 async def _via_sse(settings: Settings, url: str, run: _Run, limit: float) -> dict[str, Any]:
     port = free_loopback_port()  # if taken meanwhile, _wait_ready reports the exit
     env = {**os.environ, "REDIS_URL": url, "TOKENTEE_REDIS_URL": url,
-           "TOKENTEE_KEY_PREFIX": settings.key_prefix, "TOKENTEE_HOST": "127.0.0.1"}
+           "TOKENTEE_KEY_PREFIX": settings.key_prefix, "TOKENTEE_HOST": "127.0.0.1",
+           "TOKENTEE_CONSUMERS": "sentences,analytics" if run.consumers else "",
+           "TOKENTEE_SENTENCES_SINK": "off"}
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "broker", "serve", "--port", str(port), "--log-level", "warning",
         env=env, stdout=asyncio.subprocess.DEVNULL,  # uvicorn's access log; stdout is ours
@@ -201,6 +215,8 @@ async def _via_sse(settings: Settings, url: str, run: _Run, limit: float) -> dic
                 # The SSE clients' own cost: on a small machine they compete with the
                 # server for CPU, which shows in the latency.
                 "bench_readers_cpu_seconds": round(_cpu(me) - readers_cpu, 3)}
+            if run.consumers:  # before the server (and its consumers) stops
+                measured["consumers"] = await _consumer_report(settings, run, limit)
 
             async def start() -> str:
                 response = await client.post("/v1/streams", json={
@@ -341,6 +357,40 @@ async def _read_back(
     async for key in probe.scan_iter(match=f"{keyspace.prefix}:*", count=1000):
         await probe.unlink(key)
     return stamps
+
+
+async def _await_consumers(probe: aioredis.Redis, keyspace: Keyspace, gids: list[str],
+                           limit: float) -> float | None:
+    """Seconds until both consumer types had processed every generation (None: not within
+    ``limit``).  Their progress is in Redis, so this re-checks it every 20 ms."""
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    keys = [keyspace.checkpoint(gid, t) for gid in gids for t in ("sentences", "analytics")]
+    while loop.time() - start < limit:
+        async with probe.pipeline(transaction=False) as pipe:
+            for key in keys:
+                pipe.hget(key, "done")
+            if all(done == "1" for done in cast(list[str | None], await pipe.execute())):
+                return round(loop.time() - start, 3)
+        await asyncio.sleep(0.02)
+    return None
+
+
+async def _consumer_report(settings: Settings, run: _Run, limit: float) -> dict[str, Any]:
+    keyspace, probe = Keyspace(settings.key_prefix), run.probe
+    after_readers = await _await_consumers(probe, keyspace, run.gids, limit)
+    sentences = counted = 0
+    for gid in run.gids:
+        sentences += int(await probe.xlen(keyspace.output(gid, "sentences")))
+        state = await probe.hget(keyspace.checkpoint(gid, "analytics"), "state")
+        counted += int(json.loads(state or "{}").get("stats", {}).get("tokens", 0))
+    return {
+        "all_processed": after_readers is not None,
+        "seconds_after_readers_finished": after_readers,
+        "sentences_logged": sentences,
+        "analytics_tokens": counted,
+        "analytics_exact": counted == run.generations * run.tokens,
+    }
 
 
 def _report(

@@ -88,6 +88,10 @@ def bench(
     via: Annotated[str, typer.Option(help="Readers through 'api' (Python) or 'sse' (HTTP).")] = (
         "api"
     ),
+    consumers: Annotated[bool, typer.Option(
+        "--consumers", help="Also run the sentence logger and analytics counter (with"
+        " backpressure) and report when they had processed everything.",
+    )] = False,
 ) -> None:
     """Measure fan-out: deliveries, latency, CPU and Redis connections; prints JSON."""
     from broker.bench import run_bench
@@ -96,7 +100,7 @@ def bench(
         raise typer.BadParameter("--via must be 'api' or 'sse'")
     ok = asyncio.run(
         run_bench(_settings(), generations=generations, readers=readers, tokens=tokens,
-                  rate=rate, via=via)
+                  rate=rate, via=via, consumers=consumers)
     )
     raise typer.Exit(0 if ok else 1)
 

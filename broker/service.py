@@ -12,9 +12,11 @@ HTTP app, the demo and the benchmark run on::
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
+from typing import Any, cast
 
 import redis.asyncio as aioredis
 
@@ -24,8 +26,8 @@ from broker.embedded import embedded_redis
 from broker.errors import GenerationNotFound
 from broker.events import Event
 from broker.hub import Cursor, Hub
-from broker.keys import is_generation_id
-from broker.log import GenerationLog, GenerationMeta
+from broker.keys import entry_id, is_generation_id, seq_of
+from broker.log import GenerationLog, GenerationMeta, XReadReply
 from broker.manager import GenerationInfo, GenerationManager
 from broker.providers import ProviderRegistry
 from broker.providers.base import GenerationRequest
@@ -156,6 +158,34 @@ class Broker:
                 client, self.log.keyspace, after=after, block_ms=self.settings.block_ms
             ):
                 yield announcement
+        finally:
+            await client.aclose()
+
+    async def records(
+        self, gid: str, consumer_type: str, after: int = 0
+    ) -> AsyncIterator[dict[str, Any]]:
+        """The records ``consumer_type`` emits for ``gid`` (index > ``after``), as they are
+        committed, until the type has processed the terminal entry.  Raises
+        ``GenerationNotFound``.  Holds one dedicated Redis connection while iterating."""
+        _check_id(gid)
+        if await self.log.meta(gid) is None:
+            raise GenerationNotFound(gid)
+        key = self.log.keyspace.output(gid, consumer_type)
+        client = blocking_client(self.url, self.settings, "records")
+        try:
+            while True:
+                # Records and the done flag are committed together: once done is seen, every
+                # record is in the stream, and a read from ``after`` returns them at once.
+                cp = await self.consumer_store.checkpoint(gid, consumer_type)
+                if cp is not None and cp.done and cp.records <= after:
+                    return
+                reply = cast(XReadReply, await client.xread(
+                    {key: entry_id(after)}, block=self.settings.block_ms, count=500
+                ))
+                for _key, entries in reply or []:
+                    for eid, fields in entries:
+                        after = seq_of(eid)
+                        yield json.loads(fields[b"data"])
         finally:
             await client.aclose()
 

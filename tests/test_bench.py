@@ -17,13 +17,13 @@ from tests.conftest import RUN_PREFIX
 GENERATIONS, READERS, TOKENS = 2, 3, 20
 
 
-def run_bench(redis_url: str, prefix: str, via: str) -> tuple[subprocess.CompletedProcess[str],
-                                                              dict[str, Any]]:
+def run_bench(redis_url: str, prefix: str, via: str, *extra: str
+              ) -> tuple[subprocess.CompletedProcess[str], dict[str, Any]]:
     env = {**os.environ, "REDIS_URL": redis_url, "TOKENTEE_KEY_PREFIX": prefix}
     env.pop("TOKENTEE_REDIS_URL", None)
     done = subprocess.run(
         [sys.executable, "-m", "broker", "bench", "--generations", str(GENERATIONS),
-         "--readers", str(READERS), "--tokens", str(TOKENS), "--rate", "200", "--via", via],
+         "--readers", str(READERS), "--tokens", str(TOKENS), "--rate", "200", "--via", via, *extra],
         env=env, capture_output=True, text=True, timeout=50, check=False,
     )
     try:
@@ -89,3 +89,15 @@ def test_bench_reports_complete_ordered_delivery(redis_url: str, via: str) -> No
     # The run leaves nothing behind under its prefix.
     with redis.Redis.from_url(redis_url) as client:
         assert list(client.scan_iter(match=f"{prefix}*")) == []
+
+
+@pytest.mark.parametrize("via", ["api", "sse"])
+def test_bench_with_consumers_reports_their_completion(redis_url: str, via: str) -> None:
+    prefix = f"{RUN_PREFIX}-{secrets.token_hex(4)}"
+    done, report = run_bench(redis_url, prefix, via, "--consumers")
+    assert done.returncode == 0, done.stderr
+    consumers = report["broker"]["consumers"]
+    assert consumers["all_processed"] is True
+    assert consumers["analytics_tokens"] == GENERATIONS * TOKENS
+    assert consumers["analytics_exact"] is True
+    assert consumers["sentences_logged"] > 0

@@ -57,3 +57,17 @@ def test_quickstart_has_exactly_the_two_commands() -> None:
 def test_every_setting_is_documented() -> None:
     for name in Settings.model_fields:
         assert f"| `{name}` |" in README, f"setting {name} is missing from the README"
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("index", [0, 1])
+def test_consumer_type_examples_run(redis_url: str, index: int) -> None:
+    code = python_blocks(section("Durable consumers"))[index]
+    env = {**os.environ, "REDIS_URL": redis_url,
+           "TOKENTEE_KEY_PREFIX": f"{RUN_PREFIX}-readme-{secrets.token_hex(4)}"}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                          text=True, timeout=50)
+    assert done.returncode == 0, done.stderr
+    if index == 1:
+        assert "{'words': 4, 'ended': 'done', 'generation': 'g" in done.stdout
+        assert "'index': 1}" in done.stdout

@@ -12,6 +12,7 @@ import sys
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
+import httpx
 import pytest
 
 from broker.providers.base import GenerationRequest
@@ -22,6 +23,7 @@ from consumers.store import ConsumerStore
 from tests.conftest import delete_prefix, make_settings
 from tests.test_consumers import consumed, expected_sentences, until
 from tests.test_openai_provider import ROLE, Conn, FakeUpstream, chunk_json, content, sse
+from tests.test_processes import serve_process
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -270,3 +272,26 @@ async def test_supervisor_runs_n_workers_and_drains_them_on_sigterm(settings: Se
         if proc.poll() is None:
             proc.kill()
             proc.wait(10)
+
+
+@pytest.mark.parametrize("flag", [None, "--no-consumers"])
+async def test_serve_runs_both_consumer_types_unless_told_not_to(
+    settings: Settings, flag: str | None,
+) -> None:
+    async with serve_process(settings, *([flag] if flag else [])) as server, \
+            httpx.AsyncClient(base_url=server.url) as http:
+        created = await http.post("/v1/streams", json={
+            "prompt": "p", "params": {"text": "One here. Two here.", "tokens_per_second": 0}})
+        gid = created.json()["id"]
+        async with Broker.open(settings) as broker:
+            if flag is None:
+                await consumed(broker.consumer_store, gid, "sentences", "analytics")
+                body = (await http.get(f"/v1/streams/{gid}/sentences")).json()
+                assert [s["text"] for s in body["sentences"]] == ["One here.", "Two here."]
+                assert (await http.get(f"/v1/streams/{gid}/stats")).json()["tokens"] == 4
+            else:
+                async for _ in broker.events(gid):
+                    pass
+                types = await broker.redis.hgetall(broker.log.keyspace.consumer_types)
+                assert types == {}
+                assert (await broker.consumer_store.checkpoint(gid, "sentences")) is None

@@ -28,8 +28,9 @@ class ServerProcess:
 
 
 @contextlib.asynccontextmanager
-async def serve_process(settings: Settings) -> AsyncIterator[ServerProcess]:
-    """``tokentee serve`` as a child process on the test Redis, with the test's key prefix."""
+async def serve_process(settings: Settings, *args: str) -> AsyncIterator[ServerProcess]:
+    """``tokentee serve [args]`` as a child process on the test Redis, with the test's key
+    prefix."""
     port = free_loopback_port()
     env = {
         **os.environ,
@@ -41,7 +42,7 @@ async def serve_process(settings: Settings) -> AsyncIterator[ServerProcess]:
     }
     proc = subprocess.Popen(  # noqa: ASYNC220 - returns at once; readiness is awaited below
         [sys.executable, "-m", "broker", "serve", "--port", str(port), "--log-level",
-         "warning"],
+         "warning", *args],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
     )
     url = f"http://127.0.0.1:{port}"

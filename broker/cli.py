@@ -62,10 +62,11 @@ def consume(
     try:
         if workers > 1:
             raise typer.Exit(supervise(consumer_type, workers, settings))
-        asyncio.run(run_worker(settings, load_consumer_type(consumer_type, settings)))
+        status = asyncio.run(run_worker(settings, load_consumer_type(consumer_type, settings)))
     except ConsumerConfigError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from exc
+    raise typer.Exit(status)
 
 
 @app.command()

@@ -55,8 +55,10 @@ def load_consumer_type(spec: str, settings: Settings) -> ConsumerType:
 
 
 async def run_worker(settings: Settings, ctype: ConsumerType,
-                     stop: asyncio.Event | None = None) -> None:
-    """One worker of ``ctype`` until ``stop`` is set (default: SIGTERM or SIGINT), then drain."""
+                     stop: asyncio.Event | None = None) -> int:
+    """One worker of ``ctype`` until ``stop`` is set (default: SIGTERM or SIGINT), then drain.
+    Returns the exit status: 0, or 1 if the worker failed (a bug, logged) and should be
+    restarted."""
     url = settings.redis_url
     if url is None:
         raise ConsumerConfigError(
@@ -73,10 +75,17 @@ async def run_worker(settings: Settings, ctype: ConsumerType,
         log = GenerationLog.for_settings(redis, settings)
         async with Hub(log, hub_redis, settings) as hub, running_workers(
             [ctype], settings, redis_url=url, redis=redis, log=log, hub=hub,
-        ):
-            await stop.wait()
+        ) as (worker,):
+            waits = [asyncio.create_task(stop.wait()), asyncio.create_task(worker.failed.wait())]
+            try:
+                await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for task in waits:
+                    task.cancel()
+                await asyncio.gather(*waits, return_exceptions=True)
             logger.info("consumer %s: stopping (draining for up to %.0f s)", ctype.name,
                         settings.shutdown_grace_seconds)
+        return 1 if worker.failed.is_set() else 0
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
@@ -118,7 +127,10 @@ def supervise(spec: str, workers: int, settings: Settings) -> int:
                     logger.error("consumer %s worker (pid %d) exited with %d; restarting in"
                                  " 1 s", spec, child.pid, code)
                     time.sleep(1.0)
-                    children[children.index(child)] = subprocess.Popen(command)
+                    if stopping:  # the signal came during the pause: nothing to restart
+                        children.remove(child)
+                    else:
+                        children[children.index(child)] = subprocess.Popen(command)
             time.sleep(0.2)  # a supervisor of a handful of children: waitpid polling is fine
     finally:
         for sig, handler in previous.items():

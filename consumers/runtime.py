@@ -137,6 +137,13 @@ async def _call(result: Awaitable[None] | None) -> None:
         await result
 
 
+def _log_trimmed(ctype: str, count: int) -> None:
+    logger.error(
+        "consumer %s: %d pending catalog entries were trimmed before their takeover; those"
+        " generations are not processed by this type (raise catalog_maxlen)", ctype, count,
+    )
+
+
 class HandlerFailed(Exception):
     """A handler raised; the generation is retried from its checkpoint."""
 
@@ -182,6 +189,9 @@ class Worker:
         self._takers: list[asyncio.Task[None]] = []
         self._heartbeat_task: asyncio.Task[None] | None = None
         self.completed = 0  # generations finished by this worker (tests, benchmarks)
+        # Set if a loop of this worker died of an unexpected error: the worker no longer
+        # works, and a worker process exits (non-zero) so that it is restarted.
+        self.failed = asyncio.Event()
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -195,6 +205,8 @@ class Worker:
             asyncio.create_task(self._read_loop(), name=f"tokentee-{self.type}-read"),
             asyncio.create_task(self._claim_loop(), name=f"tokentee-{self.type}-claim"),
         ]
+        for task in (*self._takers, self._heartbeat_task):
+            task.add_done_callback(self._loop_ended)
         logger.info("consumer %s worker %s started", self.type, self.name)
         return self
 
@@ -203,6 +215,12 @@ class Worker:
         tb: TracebackType | None,
     ) -> None:
         await self.drain()
+
+    def _loop_ended(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            logger.error("consumer %s worker %s: %s failed", self.type, self.name,
+                         task.get_name(), exc_info=task.exception())
+            self.failed.set()
 
     async def drain(self) -> None:
         """Stop taking generations; let held ones finish within the grace period; stop the
@@ -269,17 +287,15 @@ class Worker:
                     self.type, self.name, {self.keyspace.catalog: ">"}, count=room,
                     block=self.settings.block_ms,
                 )
-            except ResponseError as exc:
-                if "NOGROUP" not in str(exc):
-                    raise
-                logger.warning("consumer group %s is gone (Redis lost it?); recreating",
-                               self.type)
-                await self._ensure_group()
-                continue
             except RedisError as exc:
+                # Connection loss, READONLY after a failover, MISCONF, ...: back off and
+                # retry; a vanished group (Redis lost its data) is created again.
                 logger.warning("consumer %s: catalog read failed (%s); retrying", self.type,
                                exc)
                 await asyncio.sleep(0.5)  # back off before reconnecting, not a data poll
+                if isinstance(exc, ResponseError) and "NOGROUP" in str(exc):
+                    with contextlib.suppress(RedisError):
+                        await self._ensure_group()
                 continue
             for _key, entries in cast(list[tuple[bytes, list[StreamEntry]]], reply or []):
                 for eid, fields in entries:
@@ -305,7 +321,12 @@ class Worker:
                     )
                     start = reply[0].decode()
                     for eid, fields in reply[1]:
+                        if eid is None:  # Redis 6.2: a pending entry trimmed from the catalog
+                            _log_trimmed(self.type, 1)
+                            continue
                         await self._take(eid.decode(), fields, claimed=True)
+                    if len(reply) > 2 and reply[2]:  # Redis >= 7.0 reports them apart
+                        _log_trimmed(self.type, len(reply[2]))
                     if start == "0-0":
                         break
                 rounds += 1
@@ -321,8 +342,10 @@ class Worker:
         for consumer in await self.redis.xinfo_consumers(self.keyspace.catalog, self.type):
             name = consumer["name"]
             name = name.decode() if isinstance(name, bytes) else str(name)
-            if name != self.name and consumer["pending"] == 0 and consumer["idle"] > quiet_ms:
-                await self.redis.xgroup_delconsumer(self.keyspace.catalog, self.type, name)
+            if name not in (self.name, PARKED) and consumer["idle"] > quiet_ms:
+                # Deleted only if it still holds nothing, checked in the same script: an
+                # entry parked or claimed meanwhile would be lost with the consumer.
+                await self.store.forget_consumer(self.type, name)
 
     async def _take(self, eid: str, fields: dict[bytes, bytes] | None, *,
                     claimed: bool = False) -> None:
@@ -370,13 +393,19 @@ class Worker:
         }
         forget_ms = int(max(self.settings.stall_timeout_seconds, 60) * 10_000)
         await self.store.heartbeat(self.type, self.name, status, forget_ms)
-        lost = await self.store.touch(self.type, self.name, list(self._held))
-        for eid in lost:
-            held = self._held.get(eid)
-            if held is not None:
-                logger.warning("consumer %s: generation %s was taken over by another worker",
-                               self.type, held.gid)
-                held.task.cancel()
+        missing = await self.store.touch(self.type, self.name, list(self._held))
+        held = [(eid, self._held[eid]) for eid in missing if eid in self._held]
+        if not held:
+            return
+        # Not in our part of the group's pending list: claimed by another worker, or the
+        # catalog entry was trimmed (Redis 7 then drops it from the list).  The checkpoint's
+        # owner decides.
+        owners = await self.store.owners([h.gid for _, h in held], self.type)
+        for (_eid, h), owner in zip(held, owners, strict=True):
+            if owner != self.name:
+                logger.warning("consumer %s: generation %s was taken over by %s",
+                               self.type, h.gid, owner)
+                h.task.cancel()
 
     # --- processing one generation ---------------------------------------------------------
 
@@ -387,7 +416,9 @@ class Worker:
         attempt = 0
         while True:
             try:
-                await self._process(gid, held)
+                # A retry goes on only if the generation is still ours, one entry per commit
+                # so that a failure is pinned on the entry that caused it.
+                await self._process(gid, held, retry=attempt > 0)
                 break
             except HandlerFailed:
                 attempt += 1
@@ -406,8 +437,8 @@ class Worker:
         await self.redis.xack(self.keyspace.catalog, self.type, eid)
         self.completed += 1
 
-    async def _process(self, gid: str, held: _Held) -> None:
-        cp = await self.store.take(gid, self.type, self.name)
+    async def _process(self, gid: str, held: _Held, *, retry: bool = False) -> None:
+        cp = await self.store.take(gid, self.type, self.name, still_mine=retry)
         meta = await self.log.meta(gid) if cp is not None else None
         if cp is None or meta is None:
             logger.info("consumer %s: generation %s is gone (retention); skipping",
@@ -430,7 +461,8 @@ class Worker:
                         if cursor.finished:
                             break
                         raise _Interrupted(f"the hub stopped following {gid}")
-                    batch = [first, *cursor.ready(self.settings.consumer_batch - 1)]
+                    size = 1 if retry else self.settings.consumer_batch
+                    batch = [first, *cursor.ready(size - 1)]
                     held.head = max(cursor.head, batch[-1].seq)
                     for event in batch:
                         if event.seq not in cp.skip:
@@ -438,13 +470,17 @@ class Worker:
                                                 gen, event)
                         gen.seq = event.seq
                     done = batch[-1].terminal
-                    self.ctype.checkpoint(gen)
                     new, gen._records = gen._records, []
                     for i, record in enumerate(new, start=records + 1):
                         record.update(generation=gid, index=i)
+                    # The type's checkpoint hook and the JSON encoding can fail too (a value
+                    # JSON cannot hold): that counts against the batch's last entry.
+                    encoded: list[str] = []
+                    await self._guarded(gen, gen.seq, cp.skip, self._encode, gen, new,
+                                        encoded)
                     records, wake = await self.store.commit(
                         gid, self.type, self.name, expected=committed, seq=gen.seq,
-                        state=gen.state, sunk=sunk, done=done, records=new,
+                        state=encoded[0], sunk=sunk, done=done, records=encoded[1:],
                     )
                     committed = held.seq = gen.seq
                     if wake:
@@ -455,6 +491,12 @@ class Worker:
             if sunk != cp.sunk:
                 await self.store.mark_sunk(gid, self.type, sunk)
         await self.ctype.completed(gen, self.store)
+
+    def _encode(self, gen: Generation, records: list[dict[str, Any]],
+                out: list[str]) -> None:
+        self.ctype.checkpoint(gen)
+        out.append(json.dumps(gen.state, separators=(",", ":")))
+        out += [json.dumps(r, ensure_ascii=False, separators=(",", ":")) for r in records]
 
     def _handle(self, gen: Generation, event: Event) -> Awaitable[None] | None:
         if event.type == "token":

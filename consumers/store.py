@@ -23,10 +23,12 @@ import redis.asyncio as aioredis
 from broker.keys import Keyspace, entry_id
 from broker.log import StreamEntry
 
-# KEYS: checkpoint, meta.  ARGV: worker.  Returns the checkpoint hash (flat), or false when the
-# generation's metadata is gone (expired or never existed).
+# KEYS: checkpoint, meta.  ARGV: worker, still mine ('1': only if the checkpoint already names
+# this worker, as on a retry).  Returns the checkpoint hash (flat), false when the generation's
+# metadata is gone (expired or never existed), or 0 when it is no longer this worker's.
 _TAKE = """
 if redis.call('EXISTS', KEYS[2]) == 0 then return false end
+if ARGV[2] == '1' and redis.call('HGET', KEYS[1], 'owner') ~= ARGV[1] then return 0 end
 redis.call('HSET', KEYS[1], 'owner', ARGV[1])
 local ttl = redis.call('TTL', KEYS[2])
 if ttl > 0 then redis.call('EXPIRE', KEYS[1], ttl) end
@@ -123,6 +125,13 @@ redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', tonumber(ARGV[2]) - tonumber(ARG
 return 1
 """
 
+# KEYS: catalog.  ARGV: group, consumer.  Deletes the consumer only if nothing is pending for
+# it (XGROUP DELCONSUMER would drop its pending entries, and their generations with them).
+_FORGET = """
+if #redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', 1, ARGV[2]) > 0 then return 0 end
+return redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2]) + 1
+"""
+
 
 class Fenced(Exception):
     """Another worker owns this generation now: stop without committing or acknowledging."""
@@ -165,14 +174,19 @@ class ConsumerStore:
         self._heartbeat = redis.register_script(_HEARTBEAT)
         self._touch = redis.register_script(_TOUCH)
         self._add_once = redis.register_script(_ADD_ONCE)
+        self._forget = redis.register_script(_FORGET)
 
     # --- per generation -------------------------------------------------------------------
 
-    async def take(self, gid: str, ctype: str, worker: str) -> Checkpoint | None:
+    async def take(self, gid: str, ctype: str, worker: str, *,
+                   still_mine: bool = False) -> Checkpoint | None:
         """Own ``gid`` for ``ctype`` and return its checkpoint; ``None`` if the generation
-        is gone."""
+        is gone.  With ``still_mine`` (a retry), raises :class:`Fenced` instead of taking
+        a generation that another worker has taken over meanwhile."""
         keys = [self.keyspace.checkpoint(gid, ctype), self.keyspace.generation(gid).meta]
-        raw = await self._take(keys=keys, args=[worker])
+        raw = await self._take(keys=keys, args=[worker, "1" if still_mine else ""])
+        if raw == 0:
+            raise Fenced(f"{ctype} lost generation {gid} to another worker")
         if not raw:
             return None
         flat = cast(list[bytes], raw)
@@ -180,17 +194,17 @@ class ConsumerStore:
 
     async def commit(
         self, gid: str, ctype: str, worker: str, *, expected: int, seq: int,
-        state: dict[str, Any], sunk: int, done: bool, records: list[dict[str, Any]],
+        state: str, sunk: int, done: bool, records: list[str],
     ) -> tuple[int, bool]:
-        """Commit progress from ``expected`` to ``seq``.  Returns ``(record count, wake)``;
-        raises :class:`Fenced` if the generation is no longer this worker's."""
+        """Commit progress from ``expected`` to ``seq`` with the type's state and new
+        records, JSON-encoded.  Returns ``(record count, wake)``; raises :class:`Fenced` if
+        the generation is no longer this worker's."""
         keys = [self.keyspace.checkpoint(gid, ctype), self.keyspace.output(gid, ctype),
                 self.keyspace.generation(gid).meta]
         args: list[str | int] = [
-            worker, expected, seq, json.dumps(state, separators=(",", ":")), sunk,
-            "1" if done else "", self.retention_seconds, len(records),
+            worker, expected, seq, state, sunk, "1" if done else "", self.retention_seconds,
+            len(records), *records,
         ]
-        args += [json.dumps(r, ensure_ascii=False, separators=(",", ":")) for r in records]
         count, wake = await self._commit(keys=keys, args=args)
         if int(count) < 0:
             raise Fenced(f"{ctype} lost generation {gid} to another worker")
@@ -238,6 +252,17 @@ class ConsumerStore:
             args=[ctype, worker, json.dumps(status), forget_ms],
         )
         return int(now)
+
+    async def owners(self, gids: list[str], ctype: str) -> list[str | None]:
+        """The worker each generation's checkpoint for ``ctype`` names as its owner."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for gid in gids:
+                pipe.hget(self.keyspace.checkpoint(gid, ctype), "owner")
+            return [o.decode() if o else None for o in await pipe.execute()]
+
+    async def forget_consumer(self, ctype: str, name: str) -> bool:
+        """Delete consumer ``name`` from ``ctype``'s group if it holds no pending entry."""
+        return bool(await self._forget(keys=[self.keyspace.catalog], args=[ctype, name]))
 
     async def forget_worker(self, ctype: str, worker: str) -> None:
         await self.redis.hdel(self.keyspace.consumer_workers(ctype), worker)

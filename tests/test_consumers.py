@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -291,22 +292,22 @@ async def test_commit_is_fenced_and_idempotent(settings: Settings, broker: Broke
     first = await store.take(gid, "t", "w1")
     assert first is not None
     assert first.seq == 0
-    count, _ = await store.commit(gid, "t", "w1", expected=0, seq=2, state={"n": 2},
-                                  sunk=0, done=False, records=[{"x": 1}])
+    count, _ = await store.commit(gid, "t", "w1", expected=0, seq=2, state='{"n":2}',
+                                  sunk=0, done=False, records=['{"x":1}'])
     assert count == 1
     # A second worker takes over: the first one's next commit is refused.
     second = await store.take(gid, "t", "w2")
     assert second is not None
     assert (second.seq, second.state, second.records) == (2, {"n": 2}, 1)
     with pytest.raises(Fenced):
-        await store.commit(gid, "t", "w1", expected=2, seq=3, state={"n": 3}, sunk=1,
-                           done=True, records=[{"x": 2}])
+        await store.commit(gid, "t", "w1", expected=2, seq=3, state='{"n":3}', sunk=1,
+                           done=True, records=['{"x":2}'])
     # A commit from a stale position is refused too (no double effects).
     with pytest.raises(Fenced):
-        await store.commit(gid, "t", "w2", expected=0, seq=3, state={}, sunk=1, done=True,
-                           records=[{"x": 2}])
-    count, _ = await store.commit(gid, "t", "w2", expected=2, seq=3, state={"n": 3},
-                                  sunk=1, done=True, records=[{"x": 2}])
+        await store.commit(gid, "t", "w2", expected=0, seq=3, state="{}", sunk=1, done=True,
+                           records=['{"x":2}'])
+    count, _ = await store.commit(gid, "t", "w2", expected=2, seq=3, state='{"n":3}',
+                                  sunk=1, done=True, records=['{"x":2}'])
     assert count == 2
     assert await store.records(gid, "t") == [{"x": 1}, {"x": 2}]
 
@@ -491,3 +492,129 @@ def test_stats_state_survives_json() -> None:
     stats.on_token(1.5, "hi")
     again = GenerationStats.from_state(json.loads(json.dumps(stats.to_state())))
     assert again.summary() == stats.summary()
+
+
+# --- failure paths found in review -----------------------------------------------------------
+
+
+async def test_generation_survives_its_catalog_entry_being_trimmed(fast: Settings) -> None:
+    """``XADD ... MAXLEN ~ catalog_maxlen`` can trim the catalog entry of a generation in
+    progress (Redis 7 then drops it from the pending list on the next touch): the checkpoint
+    still names this worker, so it keeps the generation."""
+    settings = fast.model_copy(update={"max_lag": 0})
+    words = Words()
+    text = " ".join(f"w{i}" for i in range(30))
+    async with consumer_broker(settings, [words]) as broker:
+        gid = (await broker.start(request(text, rate=15))).id
+
+        async def started() -> bool:
+            cp = await broker.consumer_store.checkpoint(gid, "words")
+            return cp is not None and cp.seq > 0
+        await until(started)
+        await broker.redis.xtrim(broker.log.keyspace.catalog, maxlen=0)
+        await consumed(broker.consumer_store, gid, "words")
+        records = await broker.consumer_store.records(gid, "words")
+        assert [r.get("seq") for r in records[:-1]] == list(range(1, 31))
+
+
+async def test_takeover_scan_survives_trimmed_pending_entries(
+    fast: Settings, caplog: pytest.LogCaptureFixture,
+) -> None:
+    settings = fast.model_copy(update={"max_lag": 0})
+    text = " ".join(f"w{i}" for i in range(20))
+    async with Broker.open(settings) as broker, contextlib.AsyncExitStack() as stack:
+        gids = []
+        for trim in (True, False):  # two orphans; the first one's catalog entry trimmed
+            stuck = Blocking(stop_at=3)
+            first = await stack.enter_async_context(Broker.open(settings, consumers=[stuck]))
+            stack.callback(stuck.release.set)
+            gids.append((await broker.start(request(text))).id)
+            await stuck.reached.wait()
+            kill(first.workers[0])
+            if trim:
+                await broker.redis.xtrim(broker.log.keyspace.catalog, maxlen=0)
+        async with consumer_broker(settings, [Blocking(stop_at=-1)]) as second:
+            await consumed(second.consumer_store, gids[1], "slow")  # the other is taken over
+            assert "trimmed before their takeover" in caplog.text
+            assert not second.workers[0].failed.is_set()
+
+
+class BadState(ConsumerType):
+    """Puts a value JSON cannot hold into its state at entry 2."""
+
+    name = "badstate"
+
+    def token(self, gen: Generation, event: Event) -> None:
+        gen.state["n"] = gen.state.get("n", 0) + 1
+        if event.seq == 2:
+            gen.state["when"] = {1, 2}
+
+
+async def test_a_state_that_cannot_be_saved_is_dead_lettered_too(fast: Settings) -> None:
+    settings = fast.model_copy(update={"max_lag": 5})
+    async with consumer_broker(settings, [BadState()]) as broker:
+        gid = (await broker.start(prose(20))).id
+        await consumed(broker.consumer_store, gid, "badstate")
+        dlq = await broker.redis.xrange(broker.log.keyspace.dead_letters("badstate"))
+        assert [fields[b"seq"] for _id, fields in dlq] == [b"2"]
+        assert b"not JSON serializable" in dlq[0][1][b"error"]
+        cp = await broker.consumer_store.checkpoint(gid, "badstate")
+        assert cp is not None
+        assert cp.state == {"n": 19}  # every token but the dead-lettered one
+
+
+async def test_a_retry_never_takes_back_a_generation_taken_over_meanwhile(
+    fast: Settings,
+) -> None:
+    settings = fast.model_copy(update={"max_lag": 0, "max_deliveries": 10,
+                                       "claim_idle_seconds": 30.0})
+    took_over = asyncio.Event()
+
+    def fail_until_taken_over(event: Event) -> bool:
+        return event.seq == 3 and not took_over.is_set()
+
+    words = Words(fail_until_taken_over)
+    async with consumer_broker(settings, [words]) as broker:
+        store, catalog = broker.consumer_store, broker.log.keyspace.catalog
+        gid = (await broker.start(request("one two three four five"))).id
+
+        async def failed_once() -> bool:
+            return words.calls.count(3) >= 1
+        await until(failed_once)
+        # Worker B takes the generation over while A backs off before its retry.
+        [entry] = await broker.redis.xpending_range(catalog, "words", "-", "+", 10)
+        await broker.redis.xclaim(catalog, "words", "B", 0, [entry["message_id"]],
+                                  justid=True)
+        await store.take(gid, "words", "B")
+        took_over.set()
+        calls = len(words.calls)
+
+        async def a_let_go() -> bool:
+            return not broker.workers[0]._held
+        await until(a_let_go)
+        owner = await broker.redis.hget(broker.log.keyspace.checkpoint(gid, "words"), "owner")
+        assert owner == b"B"
+        assert len(words.calls) == calls  # A did not process anything after the takeover
+
+
+@pytest.mark.skipif(bool(os.environ.get("TOKENTEE_TEST_REDIS_URL")),
+                    reason="turns the server into a replica for a moment: only on the"
+                    " suite's own private redis-server")
+async def test_catalog_reads_survive_a_readonly_server(
+    fast: Settings, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """READONLY (a failover) or any other error reply from XREADGROUP: the read loop backs
+    off and retries instead of dying while the heartbeat keeps the type live."""
+    words = Words()
+    async with consumer_broker(fast, [words]) as broker:
+        admin = broker.redis
+        await admin.execute_command("REPLICAOF", "127.0.0.1", "1")  # a server that is not
+        try:
+            async def refused() -> bool:
+                return "catalog read failed" in caplog.text
+            await until(refused)
+        finally:
+            await admin.execute_command("REPLICAOF", "NO", "ONE")
+        gid = (await broker.start(request("still consumed"))).id
+        await consumed(broker.consumer_store, gid, "words")
+        assert not broker.workers[0].failed.is_set()

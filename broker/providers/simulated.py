@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Sequence
+from typing import Any, overload
 
 from broker.errors import ProviderConfigError
 from broker.events import Finish, ProviderEvent, TextDelta, UpstreamFailure, Usage
@@ -26,7 +26,7 @@ _PROSE = (
     " a late joiner replays from the start , and a reader that drops resumes where it left"
     " off . slow readers read the log at their own pace , so nobody waits for anybody ."
 )
-_WORDS = re.findall(r"\S+", _PROSE)
+_WORDS: list[str] = re.findall(r"\S+", _PROSE)
 _ALLOWED = frozenset({"text", "max_tokens", "tokens_per_second", "fail_after"})
 MAX_SIMULATED_TOKENS = 1_000_000
 
@@ -36,17 +36,39 @@ def tokenize(text: str) -> list[str]:
     return _TOKEN_RE.findall(text)
 
 
+def _prose_token(i: int) -> str:
+    word = _WORDS[i % len(_WORDS)]
+    if i == 0 or _WORDS[(i - 1) % len(_WORDS)] == ".":
+        word = word.capitalize()
+    return word if i == 0 or word in {".", ","} else " " + word
+
+
+class ProseTokens(Sequence[str]):
+    """``count`` deterministic tokens of prose (word-sized, each with its leading space),
+    computed on access: a million-token request must not build a million strings up front
+    on the event loop."""
+
+    def __init__(self, count: int) -> None:
+        self._n = count
+
+    def __len__(self) -> int:
+        return self._n
+
+    @overload
+    def __getitem__(self, index: int) -> str: ...
+    @overload
+    def __getitem__(self, index: slice) -> list[str]: ...
+    def __getitem__(self, index: int | slice) -> str | list[str]:
+        if isinstance(index, slice):
+            return [_prose_token(i) for i in range(*index.indices(self._n))]
+        if not -self._n <= index < self._n:
+            raise IndexError(index)
+        return _prose_token(index % self._n)
+
+
 def generated_tokens(count: int) -> list[str]:
-    """``count`` deterministic tokens of prose (word-sized, each with its leading space)."""
-    out: list[str] = []
-    previous = "."
-    for i in range(count):
-        word = _WORDS[i % len(_WORDS)]
-        if previous == ".":
-            word = word.capitalize()
-        out.append(word if i == 0 or word in {".", ","} else " " + word)
-        previous = word
-    return out
+    """``count`` deterministic tokens of prose, as a list."""
+    return list(ProseTokens(count))
 
 
 def _number(params: dict[str, Any], name: str, default: float, *, integer: bool) -> float:
@@ -73,7 +95,9 @@ class SimulatedProvider:
     def model_for(self, request: GenerationRequest) -> str:
         return request.model or "simulated-1"
 
-    def _plan(self, request: GenerationRequest) -> tuple[list[str], str, float, int | None]:
+    def _plan(
+        self, request: GenerationRequest
+    ) -> tuple[Sequence[str], str, float, int | None]:
         params = request.params
         unknown = set(params) - _ALLOWED
         if unknown:
@@ -98,7 +122,7 @@ class SimulatedProvider:
         count = int(_number(params, "max_tokens", 64, integer=True))
         if count > MAX_SIMULATED_TOKENS:
             raise ProviderConfigError(f"params.max_tokens must be <= {MAX_SIMULATED_TOKENS}")
-        return generated_tokens(count), "length", rate, fail_after
+        return ProseTokens(count), "length", rate, fail_after
 
     async def stream(self, request: GenerationRequest) -> AsyncIterator[ProviderEvent]:
         tokens, reason, rate, fail_after = self._plan(request)

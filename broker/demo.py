@@ -10,7 +10,8 @@ is configured) and the HTTP API on a free loopback port.  One generation is crea
   ``Last-Event-ID``.
 
 At the end every reader's events and text are compared with each other and with the
-generation's text from ``GET /v1/streams/{id}``.
+generation's text from ``GET /v1/streams/{id}``, and the durable consumers' view of the same
+generation is shown: the sentence logger's sentences and the analytics counter's statistics.
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ from broker.events import TERMINAL_TYPES
 from broker.server import build_server
 from broker.service import Broker
 from broker.settings import Settings
+from consumers.analytics import Analytics
+from consumers.sentences import JsonLinesSink, Sentences
 
 PROMPT = "Explain tokentee to a newcomer."
 TAIL_CHARS = 200
@@ -161,7 +164,8 @@ async def guarded(board: Board, reader: Reader, part: Callable[[], Awaitable[Non
         await board.changed()
 
 
-async def _show(client: httpx.AsyncClient, console: Console, *, tokens: int, rate: float) -> int:
+async def _show(client: httpx.AsyncClient, console: Console, broker: Broker, *, tokens: int,
+                rate: float) -> int:
     created = await client.post("/v1/streams", json={
         "prompt": PROMPT, "provider": "simulated",
         "params": {"max_tokens": tokens, "tokens_per_second": rate},
@@ -211,6 +215,8 @@ async def _show(client: httpx.AsyncClient, console: Console, *, tokens: int, rat
             summary.add_row(r.name, str(len(r.events)), r.state, r.text)
         console.print(summary)
         problems = _check([a, b, c], status["text"])
+        consumed = await _show_consumers(client, console, broker, gid, status["text"], tokens)
+        problems += consumed
     for problem in problems:
         console.print(f"[bold red]FAIL[/] {problem}")
     if problems:
@@ -218,9 +224,42 @@ async def _show(client: httpx.AsyncClient, console: Console, *, tokens: int, rat
     console.print(
         f"[bold green]OK[/] All three readers received identical event sequences "
         f"({len(a.events)} events, ids 1..{a.last_id}, same types and data, ending with done), "
-        f"and each one's text equals the generation's text from GET /v1/streams/{gid}."
+        f"and each one's text equals the generation's text from GET /v1/streams/{gid}. "
+        f"The sentence logger's sentences add up to that text, and the analytics counter "
+        f"counted all {tokens} tokens."
     )
     return 0
+
+
+async def _show_consumers(client: httpx.AsyncClient, console: Console, broker: Broker,
+                          gid: str, text: str, tokens: int) -> list[str]:
+    """The durable consumers' view of the same generation, once both are through it."""
+    async for _ in broker.records(gid, "sentences"):
+        pass  # ends when the logger has processed the terminal entry
+    async for _ in broker.records(gid, "analytics"):
+        pass
+    sentences = (await client.get(f"/v1/streams/{gid}/sentences")).raise_for_status().json()
+    stats = (await client.get(f"/v1/streams/{gid}/stats")).raise_for_status().json()
+    table = Table(title=f"Sentence logger: GET /v1/streams/{gid}/sentences", show_lines=False)
+    table.add_column("#", justify="right")
+    table.add_column("sentence", overflow="fold")
+    for sentence in sentences["sentences"]:
+        table.add_row(str(sentence["index"]), sentence["text"])
+    console.print(table)
+    gaps = stats["inter_token_gap_ms"]
+    console.print(
+        f"Analytics counter: {stats['tokens']} tokens, {stats['characters']} characters, "
+        f"first token after {stats['time_to_first_token_ms']} ms, "
+        f"{stats['tokens_per_second']} tokens/s, inter-token gap p50 {gaps['p50']} ms "
+        f"/ p95 {gaps['p95']} ms / max {gaps['max']} ms, finish reason "
+        f"{stats['finish_reason']}"
+    )
+    problems = []
+    if " ".join(s["text"] for s in sentences["sentences"]).split() != text.split():
+        problems.append("the logged sentences do not add up to the generation's text")
+    if stats["tokens"] != tokens or not stats["complete"]:
+        problems.append(f"the analytics counter counted {stats['tokens']} tokens, not {tokens}")
+    return problems
 
 
 def _check(readers: list[Reader], generation_text: str) -> list[str]:
@@ -249,7 +288,10 @@ async def run_demo(
     failure or cancellation.
     """
     console = console or Console()
-    async with Broker.open(settings) as broker:
+    # The durable consumers run here too; the sentence logger's JSON lines stay off, since
+    # this output is the demo's.
+    consumers = [Sentences(JsonLinesSink("off")), Analytics()]
+    async with Broker.open(settings, consumers=consumers) as broker:
         with _loopback_listener() as sock:
             host, port = sock.getsockname()[:2]
             console.print(f"tokentee demo: Redis at {broker.url}, HTTP API at http://{host}:{port}")
@@ -262,7 +304,7 @@ async def run_demo(
                         base_url=f"http://{host}:{port}", trust_env=False,
                         timeout=httpx.Timeout(10.0, read=settings.heartbeat_seconds + 10.0),
                     ) as client:
-                        code = await _show(client, console, tokens=tokens, rate=rate)
+                        code = await _show(client, console, broker, tokens=tokens, rate=rate)
                 except httpx.HTTPError as exc:
                     console.print(f"[bold red]FAIL[/] {type(exc).__name__}: {exc}")
                 finally:

@@ -38,7 +38,11 @@ class Analytics(ConsumerType):
         stats_of(gen).on_gap(int(event.data["first_missing"]), int(event.data["last_missing"]))
 
     def end(self, gen: Generation, event: Event) -> None:
-        stats_of(gen).on_end(event.type, event.data, event.ts)
+        stats = stats_of(gen)
+        stats.on_end(event.type, event.data, event.ts)
+        # The final statistics as the type's one output record, so that a follower of the
+        # output stream (Broker.records) gets them the moment they are committed.
+        gen.emit({"stats": stats.summary()})
 
     def checkpoint(self, gen: Generation) -> None:
         gen.state["stats"] = stats_of(gen).to_state()

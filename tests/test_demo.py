@@ -37,6 +37,10 @@ async def test_demo_three_readers_agree(settings: Settings) -> None:
     assert joined, output
     assert int(joined.group(1)) >= 13, output  # B waited for A to have a third of the tokens
     assert "resumed after id 20" in text, output  # C dropped after half
+    # The durable consumers' view of the same generation.
+    assert "The sentence logger's sentences add up to that text" in text, output
+    assert "the analytics counter counted all 40 tokens" in text, output
+    assert "Analytics counter: 40 tokens" in text, output
 
 
 def test_check_reports_differences() -> None:

@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import httpx
+import psutil
 import pytest
 
 from broker.providers.base import GenerationRequest
@@ -222,6 +223,10 @@ async def test_sigstopped_consumer_pauses_the_producer_and_the_upstream(
                     assert meta.status == "running"
                     assert meta.last_seq <= 50
                     assert await broker.redis.hget(broker.log.keys(gid).meta, "hold")
+                    rss = psutil.Process().memory_info().rss / 2**20
+                    print(f"held: upstream wrote {flood.written} of {flood.chunks} chunks of"
+                          f" {flood.size} bytes, log at {meta.last_seq} entries, broker RSS"
+                          f" {rss:.1f} MB")
 
                     os.kill(proc.pid, signal.SIGCONT)
                     await consumed(store, gid, "analytics")

@@ -55,13 +55,14 @@ def consume(
     SIGTERM drains: no new generations, held ones finish or are checkpointed and handed
     over within TOKENTEE_SHUTDOWN_GRACE_SECONDS, then exit 0.
     """
-    from consumers.process import ConsumerConfigError, load_consumer_type, run_worker, supervise
+    from broker.errors import ConsumerConfigError
+    from consumers.process import load_consumer_type, run_worker, supervise
 
     logging.basicConfig(level=log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     settings = _settings()
     try:
         if workers > 1:
-            raise typer.Exit(supervise(consumer_type, workers, settings))
+            raise typer.Exit(supervise(consumer_type, workers, settings, log_level))
         status = asyncio.run(run_worker(settings, load_consumer_type(consumer_type, settings)))
     except ConsumerConfigError as exc:
         typer.echo(f"error: {exc}", err=True)

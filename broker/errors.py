@@ -37,3 +37,8 @@ class EmbeddedRedisError(TokenteeError, RuntimeError):
 
 class UpstreamProtocolError(TokenteeError, ValueError):
     """The upstream response broke its wire format (bad SSE, bad JSON, oversized line)."""
+
+
+class ConsumerConfigError(TokenteeError, ValueError):
+    """A consumer type that cannot be loaded or set up (an unknown type, a sink that cannot
+    be opened), or a worker without a Redis to work on."""

@@ -103,13 +103,21 @@ return 'orphaned'
 """
 
 # KEYS: meta, then the checkpoint of each live consumer type.  ARGV: resume mark.
-# Returns the slowest type's position.  Below the mark, records the mark in the meta so that
-# the commit that reaches it wakes the producer (consumers.store._COMMIT).
+# Returns the slowest position among the types that have taken the generation (a checkpoint
+# exists), or -1 if none has.  Below the mark, records the mark in the meta so that the
+# commit that reaches it wakes the producer (consumers.store._COMMIT).
 _HOLD = """
 local slowest = nil
 for i = 2, #KEYS do
-  local seq = tonumber(redis.call('HGET', KEYS[i], 'seq') or '0')
-  if slowest == nil or seq < slowest then slowest = seq end
+  local seq = redis.call('HGET', KEYS[i], 'seq')
+  if seq then
+    seq = tonumber(seq)
+    if slowest == nil or seq < slowest then slowest = seq end
+  end
+end
+if slowest == nil then
+  redis.call('HDEL', KEYS[1], 'hold')
+  return -1
 end
 if slowest < tonumber(ARGV[1]) then
   redis.call('HSET', KEYS[1], 'hold', ARGV[1])
@@ -294,9 +302,9 @@ class GenerationLog:
         return state
 
     async def hold(self, gid: str, consumer_types: list[str], resume_at: int) -> int:
-        """The position of the slowest of ``consumer_types`` on ``gid``; below ``resume_at``
-        the generation is marked held, so the consumer commit that reaches the mark wakes
-        the producer (through the control stream)."""
+        """The position of the slowest of ``consumer_types`` that have taken ``gid`` (-1 if
+        none has); below ``resume_at`` the generation is marked held, so the consumer
+        commit that reaches the mark wakes the producer (through the control stream)."""
         keys = [self.keys(gid).meta,
                 *(self.keyspace.checkpoint(gid, ctype) for ctype in consumer_types)]
         return int(await self._hold(keys=keys, args=[resume_at]))

@@ -230,8 +230,12 @@ class Producer:
 
     async def _hold(self) -> None:
         """At the backpressure limit: stop reading the upstream (TCP flow control then
-        reaches the LLM server) until every live consumer type is within the window again,
-        with a quarter window of hysteresis.  See :mod:`broker.backpressure`."""
+        reaches the LLM server) until every live consumer type that has taken this
+        generation is within the window again, with a quarter window of hysteresis.
+
+        A type counts once one of its workers has taken the generation: a type whose
+        workers are all busy with other generations must not hold this one, or two types
+        with full workers could each wait for the other.  See :mod:`broker.backpressure`."""
         gate = self.gate
         assert gate is not None
         resume_at = self.seq - gate.max_lag + max(1, gate.max_lag // 4)
@@ -242,6 +246,11 @@ class Producer:
                 slowest = await self._retrying(
                     functools.partial(self.log.hold, self.gid, list(gate.live), resume_at)
                 )
+                if slowest < 0:
+                    # No live type has taken the generation yet (its workers are busy, or
+                    # about to): nothing to wait for; look again a window later.
+                    self._limit, self._limit_version = self.seq + gate.max_lag, version
+                    return
                 self._limit, self._limit_version = slowest + gate.max_lag, version
                 if slowest >= resume_at:
                     return

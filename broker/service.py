@@ -165,9 +165,14 @@ class Broker:
         self, gid: str, consumer_type: str, after: int = 0
     ) -> AsyncIterator[dict[str, Any]]:
         """The records ``consumer_type`` emits for ``gid`` (index > ``after``), as they are
-        committed, until the type has processed the terminal entry.  Raises
-        ``GenerationNotFound``.  Holds one dedicated Redis connection while iterating."""
+        committed, until the type has processed the terminal entry.  Waits as long as the
+        generation exists: with no worker of the type running, that is until its retention
+        ends.  Raises ``GenerationNotFound`` (also when the generation expires meanwhile)
+        and ``ValueError`` for ``after < 0``.  Holds one dedicated Redis connection while
+        iterating."""
         _check_id(gid)
+        if after < 0:
+            raise ValueError("after must be >= 0")
         if await self.log.meta(gid) is None:
             raise GenerationNotFound(gid)
         key = self.log.keyspace.output(gid, consumer_type)
@@ -182,6 +187,8 @@ class Broker:
                 reply = cast(XReadReply, await client.xread(
                     {key: entry_id(after)}, block=self.settings.block_ms, count=500
                 ))
+                if not reply and await self.log.meta(gid) is None:
+                    raise GenerationNotFound(gid)  # expired while we waited
                 for _key, entries in reply or []:
                     for eid, fields in entries:
                         after = seq_of(eid)

@@ -18,7 +18,7 @@ import sys
 import time
 
 from broker.connections import blocking_client, command_client
-from broker.errors import TokenteeError
+from broker.errors import ConsumerConfigError
 from broker.hub import Hub
 from broker.log import GenerationLog
 from broker.settings import Settings
@@ -27,10 +27,6 @@ from consumers.runtime import ConsumerType, running_workers
 from consumers.sentences import Sentences
 
 logger = logging.getLogger(__name__)
-
-
-class ConsumerConfigError(TokenteeError, ValueError):
-    """A consumer type that cannot be loaded, or a worker without a Redis to work on."""
 
 
 def load_consumer_type(spec: str, settings: Settings) -> ConsumerType:
@@ -93,44 +89,61 @@ async def run_worker(settings: Settings, ctype: ConsumerType,
         await redis.aclose()
 
 
-def supervise(spec: str, workers: int, settings: Settings) -> int:
-    """Run ``workers`` worker processes of ``spec``; returns the exit status."""
-    load_consumer_type(spec, settings)  # fail here, once, on a bad spec
+def supervise(spec: str, workers: int, settings: Settings, log_level: str = "info") -> int:
+    """Run ``workers`` worker processes of ``spec``; returns the exit status.
+
+    A child that exits while the supervisor is not stopping is restarted after a delay that
+    doubles with each quick failure (1 s up to 60 s, reset once a child ran for a minute), so
+    an unreachable Redis is not hammered.  SIGTERM/SIGINT are passed on to the children;
+    the status is 0 if they all drained cleanly (a child that the forwarded signal ended
+    before it could handle it counts as clean), else the first failure's (128 + signal for
+    a child killed by another signal).
+    """
+    load_consumer_type(spec, settings).close()  # fail here, once, on a bad spec or sink
     if settings.redis_url is None:
         raise ConsumerConfigError(
             "a consumer worker needs the broker's Redis: set REDIS_URL (or TOKENTEE_REDIS_URL)"
         )
-    command = [sys.executable, "-m", "broker", "consume", spec, "--workers", "1"]
-    stopping = False
+    command = [sys.executable, "-m", "broker", "consume", spec, "--workers", "1",
+               "--log-level", log_level]
+    forwarded: set[int] = set()
 
     def stop(signum: int, _frame: object) -> None:
-        nonlocal stopping
-        stopping = True
+        forwarded.add(signum)
         for child in children:
             with contextlib.suppress(ProcessLookupError):
                 child.send_signal(signum)
 
     # The children inherit the environment, so they see the same settings.
     children = [subprocess.Popen(command) for _ in range(workers)]
+    started = {child.pid: time.monotonic() for child in children}
+    delay, restart_at = 0.5, 0.0  # the first quick failure waits 1 s
+    waiting = 0  # children to start at restart_at
     previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
     status = 0
     try:
-        while children:
+        while children or (waiting and not forwarded):
             for child in list(children):
                 code = child.poll()
                 if code is None:
                     continue
-                if stopping:
-                    children.remove(child)
-                    status = status or code
-                else:
-                    logger.error("consumer %s worker (pid %d) exited with %d; restarting in"
-                                 " 1 s", spec, child.pid, code)
-                    time.sleep(1.0)
-                    if stopping:  # the signal came during the pause: nothing to restart
-                        children.remove(child)
-                    else:
-                        children[children.index(child)] = subprocess.Popen(command)
+                children.remove(child)
+                if forwarded:
+                    if code != 0 and -code not in forwarded:
+                        status = status or (128 - code if code < 0 else code)
+                    continue
+                ran = time.monotonic() - started.pop(child.pid, 0.0)
+                delay = 1.0 if ran > 60 else min(delay * 2, 60.0)
+                logger.error("consumer %s worker (pid %d) exited with %d; restarting in"
+                             " %.0f s", spec, child.pid, code, delay)
+                waiting += 1
+                restart_at = time.monotonic() + delay
+            if waiting and not forwarded and time.monotonic() >= restart_at:
+                for _ in range(waiting):
+                    child = subprocess.Popen(command)
+                    children.append(child)
+                    started[child.pid] = time.monotonic()
+                waiting = 0
             time.sleep(0.2)  # a supervisor of a handful of children: waitpid polling is fine
     finally:
         for sig, handler in previous.items():

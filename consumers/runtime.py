@@ -160,6 +160,7 @@ class _Held:
     task: asyncio.Task[None]
     head: int = 0  # last seq the log is known to hold
     seq: int = 0  # last seq committed
+    sunk: int = 0  # records this worker has handed to the sink (survives retries)
 
 
 class Worker:
@@ -218,9 +219,14 @@ class Worker:
 
     def _loop_ended(self, task: asyncio.Task[None]) -> None:
         if not task.cancelled() and task.exception() is not None:
-            logger.error("consumer %s worker %s: %s failed", self.type, self.name,
-                         task.get_name(), exc_info=task.exception())
+            logger.error("consumer %s worker %s: %s failed; the worker stops checking in",
+                         self.type, self.name, task.get_name(), exc_info=task.exception())
             self.failed.set()
+            # A worker that no longer takes generations must not keep its type looking
+            # live: without heartbeats it is reported stalled and stops holding producers,
+            # and its generations are taken over by other workers.
+            if self._heartbeat_task is not None and self._heartbeat_task is not task:
+                self._heartbeat_task.cancel()
 
     async def drain(self) -> None:
         """Stop taking generations; let held ones finish within the grace period; stop the
@@ -297,9 +303,12 @@ class Worker:
                     with contextlib.suppress(RedisError):
                         await self._ensure_group()
                 continue
-            for _key, entries in cast(list[tuple[bytes, list[StreamEntry]]], reply or []):
-                for eid, fields in entries:
-                    await self._take(eid.decode(), fields)
+            try:
+                for _key, entries in cast(list[tuple[bytes, list[StreamEntry]]], reply or []):
+                    for eid, fields in entries:
+                        await self._take(eid.decode(), fields)
+            except RedisError as exc:  # acknowledging a foreign entry failed: it comes back
+                logger.warning("consumer %s: %s", self.type, exc)
 
     async def _claim_loop(self) -> None:
         """Generations whose owner went silent: ``XAUTOCLAIM`` after ``claim_idle``.
@@ -334,6 +343,11 @@ class Worker:
                     await self._forget_departed()
             except RedisError as exc:
                 logger.warning("consumer %s: takeover scan failed: %s", self.type, exc)
+            except Exception:
+                # Not a Redis failure: a bug or a reply shape this code does not know.  The
+                # scan is the only way orphaned generations are recovered, so log it and
+                # keep scanning rather than die.
+                logger.exception("consumer %s: takeover scan failed", self.type)
 
     async def _forget_departed(self) -> None:
         """Drop group consumers that hold nothing and have been silent for long (workers
@@ -351,7 +365,7 @@ class Worker:
                     claimed: bool = False) -> None:
         if eid in self._held:  # ours already (we were paused past the idle time)
             return
-        gid = (fields or {}).get(b"id", b"").decode()
+        gid = (fields or {}).get(b"id", b"").decode("utf-8", "replace")
         if not is_generation_id(gid):
             # A catalog entry trimmed while pending (no fields) or not ours: nothing to do.
             logger.warning("consumer %s: skipping catalog entry %s (no generation id)",
@@ -445,10 +459,10 @@ class Worker:
                         self.type, gid)
             return
         gen = Generation(gid, meta.provider, meta.model, meta.created, cp.state, cp.seq)
-        records, sunk = cp.records, cp.sunk
+        records, sunk = cp.records, max(cp.sunk, held.sunk)
         if sunk < records:  # a previous owner may have stopped before its sink got them
             await self._deliver(gen, await self.store.records(gid, self.type, after=sunk))
-            sunk = records
+            sunk = held.sunk = records
         committed = held.seq = held.head = cp.seq
         if not cp.done:
             if cp.seq == 0 and 0 not in cp.skip:  # start's failures count against seq 0
@@ -487,7 +501,7 @@ class Worker:
                         await self._wake_producer(gid)
                     if new:
                         await self._deliver(gen, new)
-                        sunk = records
+                        sunk = held.sunk = records
             if sunk != cp.sunk:
                 await self.store.mark_sunk(gid, self.type, sunk)
         await self.ctype.completed(gen, self.store)

@@ -10,13 +10,13 @@ on the sink (stdout, a file, or off), written after the commit: at least once, k
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import sys
 import time
-from typing import IO, Any, cast
+from typing import Any, cast
 
+from broker.errors import ConsumerConfigError
 from broker.events import Event
 from broker.settings import Settings
 from consumers.runtime import ConsumerType, Generation
@@ -28,26 +28,33 @@ logger = logging.getLogger(__name__)
 class JsonLinesSink:
     """Appends records as JSON lines: ``-`` is stdout, ``off`` nothing, else a file path.
 
-    Each batch is one ``write`` on a file opened for appending, so several worker processes
-    can share one file without interleaving lines."""
+    A file is opened for appending per batch, and each batch is one ``write``: several
+    worker processes can share one file without interleaving lines, and a log rotation
+    (the file renamed away) is followed.  Raises ``ConsumerConfigError`` for a file that
+    cannot be opened."""
 
     def __init__(self, target: str) -> None:
         self.target = target
-        self._file: IO[str] | None = None
         if target not in ("-", "off"):
-            self._file = open(target, "a", encoding="utf-8")  # noqa: SIM115 (closed in close())
+            try:
+                with open(target, "a", encoding="utf-8"):
+                    pass
+            except OSError as exc:
+                raise ConsumerConfigError(f"sentences sink {target!r}: {exc}") from exc
 
     def write(self, records: list[dict[str, Any]]) -> None:
         if self.target == "off" or not records:
             return
-        out = self._file or sys.stdout
-        out.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-        out.flush()
+        lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+        if self.target == "-":
+            sys.stdout.write(lines)
+            sys.stdout.flush()
+            return
+        with open(self.target, "a", encoding="utf-8") as out:
+            out.write(lines)
 
     def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        """Nothing stays open between batches."""
 
 
 def _segmenter(gen: Generation) -> SentenceSegmenter:
@@ -100,5 +107,4 @@ class Sentences(ConsumerType):
         self.sink.write([{**r, "logged": round(now, 6)} for r in records])
 
     def close(self) -> None:
-        with contextlib.suppress(OSError):
-            self.sink.close()
+        self.sink.close()

@@ -14,6 +14,7 @@ worker and then wakes up has its next commit refused (:class:`Fenced`).
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any, cast
@@ -30,6 +31,7 @@ _TAKE = """
 if redis.call('EXISTS', KEYS[2]) == 0 then return false end
 if ARGV[2] == '1' and redis.call('HGET', KEYS[1], 'owner') ~= ARGV[1] then return 0 end
 redis.call('HSET', KEYS[1], 'owner', ARGV[1])
+redis.call('HSETNX', KEYS[1], 'seq', 0)
 local ttl = redis.call('TTL', KEYS[2])
 if ttl > 0 then redis.call('EXPIRE', KEYS[1], ttl) end
 return redis.call('HGETALL', KEYS[1])
@@ -283,7 +285,10 @@ class ConsumerStore:
         """Add ``gid``'s increments to ``ctype``'s totals unless they were added already."""
         args: list[str | float] = [gid, time.time(), 2 * self.retention_seconds + 86_400]
         for name, value in increments.items():
-            args += [name, repr(float(value))]
+            # HINCRBYFLOAT refuses inf and NaN (an upstream's usage of 1e999, say), and an
+            # error halfway through the script would leave the totals half added.
+            if math.isfinite(value):
+                args += [name, repr(float(value))]
         added = await self._add_once(
             keys=[self.keyspace.totals(ctype), self.keyspace.totals_applied(ctype)], args=args
         )

@@ -164,18 +164,23 @@ async def test_sigterm_drains_exits_zero_and_hands_the_generation_over(
 
 class Flood:
     """An OpenAI-compatible upstream that writes big chunks as fast as the client takes
-    them, and counts what it has written: a stalled count is TCP backpressure."""
+    them, and counts what it has written: a stalled count is TCP backpressure.  After the
+    first ``first`` chunks it waits for ``go``."""
 
-    def __init__(self, chunks: int, size: int) -> None:
+    def __init__(self, chunks: int, size: int, first: int = 5) -> None:
         self.chunks = chunks
         self.size = size
+        self.first = first
+        self.go = asyncio.Event()
         self.written = 0
         self.tokens = [f"{i:06d}" + "x" * (size - 6) for i in range(chunks)]
 
     async def __call__(self, conn: Conn) -> None:
         await conn.head()
         await conn.chunk(sse(ROLE))
-        for token in self.tokens:
+        for i, token in enumerate(self.tokens):
+            if i == self.first:
+                await self.go.wait()
             await conn.chunk(sse(content(token)))
             self.written += 1
         await conn.chunk(sse(chunk_json(finish="stop")) + b"data: [DONE]\n\n")
@@ -212,16 +217,22 @@ async def test_sigstopped_consumer_pauses_the_producer_and_the_upstream(
                         return "analytics" in gate.live
                     await until(counted)
 
-                    os.kill(proc.pid, signal.SIGSTOP)
                     gid = (await broker.start(GenerationRequest(
                         messages=[{"role": "user", "content": "x"}]), "openai")).id
+                    # The worker takes the generation (a type counts for a generation once
+                    # it has), then stops; only then does the upstream pour out the rest.
+                    await owner_pid(store, gid, "analytics", 1)
+                    os.kill(proc.pid, signal.SIGSTOP)
+                    flood.go.set()
                     await stalled(flood)
                     # The upstream is stuck mid-body, the log holds at most max_lag entries.
                     assert 0 < flood.written < flood.chunks
                     meta = await broker.log.meta(gid)
                     assert meta is not None
                     assert meta.status == "running"
-                    assert meta.last_seq <= 50
+                    cp = await store.checkpoint(gid, "analytics")
+                    assert cp is not None
+                    assert meta.last_seq <= cp.seq + 50
                     assert await broker.redis.hget(broker.log.keys(gid).meta, "hold")
                     rss = psutil.Process().memory_info().rss / 2**20
                     print(f"held: upstream wrote {flood.written} of {flood.chunks} chunks of"
@@ -259,6 +270,10 @@ def test_consume_needs_a_redis_url_and_a_known_type(settings: Settings) -> None:
     missing = run_cli("consume", "nosuch_module:Thing", env={"REDIS_URL": settings.redis_url})
     assert missing.returncode == 2
     assert "cannot load consumer type" in missing.stderr
+    sink = run_cli("consume", "sentences", env={
+        "REDIS_URL": settings.redis_url, "TOKENTEE_SENTENCES_SINK": "/nonexistent/dir/s.jsonl"})
+    assert sink.returncode == 2
+    assert "sentences sink '/nonexistent/dir/s.jsonl'" in sink.stderr
 
 
 async def test_supervisor_runs_n_workers_and_drains_them_on_sigterm(settings: Settings) -> None:

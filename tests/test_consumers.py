@@ -15,6 +15,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from broker.errors import GenerationNotFound
 from broker.events import Event
 from broker.providers.base import GenerationRequest
 from broker.providers.simulated import tokenize
@@ -40,9 +41,9 @@ def request(text: str = TEXT, rate: float = 0, **params: Any) -> GenerationReque
                              params={"text": text, "tokens_per_second": rate, **params})
 
 
-def prose(tokens: int) -> GenerationRequest:
+def prose(tokens: int, rate: float = 0) -> GenerationRequest:
     return GenerationRequest(messages=[{"role": "user", "content": "x"}],
-                             params={"max_tokens": tokens, "tokens_per_second": 0})
+                             params={"max_tokens": tokens, "tokens_per_second": rate})
 
 
 def kill(worker: Worker) -> None:
@@ -203,6 +204,7 @@ class Words(ConsumerType):
     def __init__(self, fail: Callable[[Event], bool] | None = None) -> None:
         self.fail = fail or (lambda event: False)
         self.calls: list[int] = []
+        self.delivered: list[int] = []
 
     def start(self, gen: Generation) -> None:
         gen.state["words"] = 0
@@ -216,6 +218,9 @@ class Words(ConsumerType):
 
     def end(self, gen: Generation, event: Event) -> None:
         gen.emit({"words": gen.state["words"], "status": event.type})
+
+    def deliver(self, gen: Generation, records: list[dict[str, Any]]) -> None:
+        self.delivered += [r["index"] for r in records]
 
 
 async def test_every_type_sees_every_generation_once(fast: Settings) -> None:
@@ -254,6 +259,7 @@ async def test_transient_handler_failure_is_retried_from_the_checkpoint(
         assert [r.get("seq") for r in records] == [1, 2, 3, 4, 5, None]
         assert records[-1]["words"] == 5
         assert await broker.redis.xlen(broker.log.keyspace.dead_letters("words")) == 0
+        assert words.delivered == [1, 2, 3, 4, 5, 6]  # the retries repeated nothing
 
 
 async def test_poison_entry_goes_to_the_dead_letter_stream(
@@ -374,7 +380,9 @@ async def test_slow_consumer_holds_the_producer_within_max_lag(fast: Settings) -
     settings = fast.model_copy(update={"max_lag": 20, "stall_timeout_seconds": 30.0})
     slow = Blocking(stop_at=5)
     async with consumer_broker(settings, [slow]) as broker:
-        gid = (await broker.start(prose(300))).id
+        # 200 tokens/s: the worker takes the generation within its first window (a type
+        # holds a generation back from the moment one of its workers has taken it).
+        gid = (await broker.start(prose(300, rate=200))).id
         await slow.reached.wait()
 
         async def held() -> bool:
@@ -385,9 +393,10 @@ async def test_slow_consumer_holds_the_producer_within_max_lag(fast: Settings) -
         assert meta is not None
         assert meta.status == "running"
         # The consumer is stuck before entry 5; the producer is at most max_lag beyond it.
-        committed = cp.seq if cp else 0
-        assert committed < 5
-        assert meta.last_seq <= committed + 20
+        assert cp is not None
+        assert cp.seq < 5
+        # The first window (before any worker had taken it) ends at 1 + 20.
+        assert meta.last_seq <= max(cp.seq + 20, 21)
         assert broker.gate is not None
         assert broker.gate.holds >= 1
         slow.release.set()
@@ -404,13 +413,19 @@ async def test_stalled_consumer_type_stops_holding_producers_back(
 ) -> None:
     settings = fast.model_copy(update={"max_lag": 10, "stall_timeout_seconds": 1.0,
                                        "claim_idle_seconds": 60.0})
-    # A type that checked in once and then vanished (its worker killed).
+    # A type whose only worker took the generation and then vanished (killed).
     store_broker = Broker.open(settings)
     async with store_broker as broker:
-        await broker.consumer_store.heartbeat("ghost", "w-dead", {}, 60_000)
+        store = broker.consumer_store
+        await store.heartbeat("ghost", "w-dead", {}, 60_000)
         assert broker.gate is not None
         await broker.gate.refresh()
-        gid = (await broker.start(prose(100))).id
+        gid = (await broker.start(prose(100, rate=200))).id
+        await store.take(gid, "ghost", "w-dead")
+
+        async def held() -> bool:
+            return bool(await broker.redis.hexists(broker.log.keys(gid).meta, "hold"))
+        await until(held)
         async for _ in broker.events(gid):
             pass  # completes: the ghost stops counting after the stall timeout
         meta = await broker.log.meta(gid)
@@ -618,3 +633,77 @@ async def test_catalog_reads_survive_a_readonly_server(
         gid = (await broker.start(request("still consumed"))).id
         await consumed(broker.consumer_store, gid, "words")
         assert not broker.workers[0].failed.is_set()
+
+
+async def test_types_with_busy_workers_never_hold_each_other(fast: Settings) -> None:
+    """Two types, one slot per worker: a replacement worker of type A busy with G2 cannot
+    take G1 back; G2's producer must then not be held by type B, whose only worker is busy
+    with G1 (held by A).  A type holds a generation only once one of its workers has
+    taken it, so G2 runs through, A's worker frees up and takes G1 over."""
+    settings = fast.model_copy(update={"max_lag": 20, "consumer_concurrency": 1,
+                                       "stall_timeout_seconds": 30.0})
+    stuck = Blocking(stop_at=5)
+    async with Broker.open(settings) as producer, contextlib.AsyncExitStack() as stack:
+        await stack.enter_async_context(Broker.open(settings, consumers=[Words()]))
+        first = await stack.enter_async_context(Broker.open(settings, consumers=[stuck]))
+        stack.callback(stuck.release.set)
+        assert producer.gate is not None
+        await producer.gate.refresh()
+        g1 = (await producer.start(prose(300, rate=500))).id
+        await stuck.reached.wait()
+        kill(first.workers[0])
+        await stack.enter_async_context(Broker.open(settings, consumers=[Blocking(-1)]))
+        g2 = (await producer.start(prose(300, rate=500))).id
+        async for _ in producer.events(g2):
+            pass
+        async for _ in producer.events(g1):
+            pass
+        for gid in (g1, g2):
+            await consumed(producer.consumer_store, gid, "slow", "words")
+
+
+async def test_foreign_catalog_entries_do_not_stop_a_worker(fast: Settings) -> None:
+    words = Words()
+    async with consumer_broker(fast, [words]) as broker:
+        catalog = broker.log.keyspace.catalog
+        await broker.redis.xadd(catalog, {"id": b"\xff\xfe not utf-8"})
+        await broker.redis.xadd(catalog, {"other": "field"})
+        gid = (await broker.start(request("still consumed"))).id
+        await consumed(broker.consumer_store, gid, "words")
+        assert not broker.workers[0].failed.is_set()
+        info = await broker.redis.xpending(catalog, "words")
+        assert int(info["pending"]) == 0  # the foreign entries were acknowledged
+
+
+async def test_records_ends_or_refuses_cleanly(fast: Settings) -> None:
+    async with consumer_broker(fast, [Words()]) as broker:
+        gid = (await broker.start(request("a b c"))).id
+        got = [r async for r in broker.records(gid, "words")]
+        assert [r.get("seq") for r in got] == [1, 2, 3, None]
+        with pytest.raises(ValueError, match="after"):
+            await anext(broker.records(gid, "words", after=-1))
+        with pytest.raises(GenerationNotFound):
+            await anext(broker.records("gNOSUCHGENERATION", "words"))
+        # A type nobody runs: the iterator waits, and ends with GenerationNotFound when
+        # the generation expires.
+        follower = broker.records(gid, "nobody")
+        waiting = asyncio.ensure_future(anext(follower))
+        await broker.redis.delete(*broker.log.keys(gid).all())
+        with pytest.raises(GenerationNotFound):
+            await waiting
+        await follower.aclose()
+
+
+async def test_sentences_after_is_bounded(fast: Settings) -> None:
+    async with consumer_broker(fast, []) as broker, running_server(fast, broker) as url, \
+            httpx.AsyncClient(base_url=url) as http:
+        gid = (await broker.start(request("a b"))).id
+        response = await http.get(f"/v1/streams/{gid}/sentences", params={"after": 10**30})
+        assert response.status_code == 422
+
+
+async def test_totals_skip_values_redis_cannot_add(broker: Broker) -> None:
+    store = broker.consumer_store
+    assert await store.add_once("analytics", "gX", {"a": 1.0, "b": float("inf"),
+                                                     "c": float("nan")}) is True
+    assert await store.totals("analytics") == {"a": 1.0}

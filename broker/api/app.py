@@ -201,7 +201,8 @@ def create_app(
 
     @app.get("/v1/streams/{gid}/sentences", response_model=StreamSentences)
     async def stream_sentences(
-        gid: str, request: Request, after: Annotated[int, Query(ge=0)] = 0,
+        gid: str, request: Request,
+        after: Annotated[int, Query(ge=0, le=2**53)] = 0,
     ) -> StreamSentences:
         """The sentences the sentence logger has completed so far (``after``: skip the first
         ``after``).  Empty, not complete, until the logger reaches the generation."""

@@ -251,6 +251,7 @@ class Worker:
                 self._heartbeat_task.cancel()
                 await asyncio.gather(self._heartbeat_task, return_exceptions=True)
                 self._heartbeat_task = None
+            await self.store.aclose()
             with contextlib.suppress(RedisError):
                 await self.store.forget_worker(self.type, self.name)
             logger.info("consumer %s worker %s stopped", self.type, self.name)

@@ -13,6 +13,7 @@ worker and then wakes up has its next commit refused (:class:`Fenced`).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import time
@@ -20,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any, cast
 
 import redis.asyncio as aioredis
+from redis.exceptions import NoScriptError, RedisError
 
 from broker.keys import Keyspace, entry_id
 from broker.log import StreamEntry
@@ -172,6 +174,8 @@ class ConsumerStore:
         self.retention_seconds = retention_seconds
         self._take = redis.register_script(_TAKE)
         self._commit = redis.register_script(_COMMIT)
+        self._queued: list[tuple[list[str], list[str | int], asyncio.Future[Any]]] = []
+        self._flusher: asyncio.Task[None] | None = None
         self._fail = redis.register_script(_FAIL)
         self._heartbeat = redis.register_script(_HEARTBEAT)
         self._touch = redis.register_script(_TOUCH)
@@ -200,17 +204,79 @@ class ConsumerStore:
     ) -> tuple[int, bool]:
         """Commit progress from ``expected`` to ``seq`` with the type's state and new
         records, JSON-encoded.  Returns ``(record count, wake)``; raises :class:`Fenced` if
-        the generation is no longer this worker's."""
+        the generation is no longer this worker's.
+
+        Commits that arrive in the same event-loop turn (the hub hands one read's entries
+        to many generations at once) go to Redis in one pipeline: a lone command costs
+        redis-py about 170 us of CPU here, one of a pipeline of 50 about 50 us.  If the
+        caller is cancelled, its commit may still be applied; the next commit from the old
+        position is then refused (:class:`Fenced`), never applied twice."""
         keys = [self.keyspace.checkpoint(gid, ctype), self.keyspace.output(gid, ctype),
                 self.keyspace.generation(gid).meta]
         args: list[str | int] = [
             worker, expected, seq, state, sunk, "1" if done else "", self.retention_seconds,
             len(records), *records,
         ]
-        count, wake = await self._commit(keys=keys, args=args)
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._queued.append((keys, args, future))
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.create_task(self._flush(), name="tokentee-commits")
+        count, wake = await future
         if int(count) < 0:
             raise Fenced(f"{ctype} lost generation {gid} to another worker")
         return int(count), bool(wake)
+
+    async def _flush(self) -> None:
+        await asyncio.sleep(0)  # let the other generations of this turn queue theirs
+        while self._queued:
+            batch, self._queued = self._queued, []
+            try:
+                results = await self._run_commits([(k, a) for k, a, _ in batch])
+            except BaseException as exc:
+                for _, _, future in batch:
+                    if not future.done():
+                        future.set_exception(exc if isinstance(exc, Exception)
+                                             else RedisError("commit flush cancelled"))
+                if not isinstance(exc, Exception):
+                    raise
+                continue
+            for (_, _, future), result in zip(batch, results, strict=True):
+                if future.done():  # its caller was cancelled
+                    continue
+                if isinstance(result, Exception):
+                    future.set_exception(result)
+                else:
+                    future.set_result(result)
+
+    async def _run_commits(self, calls: list[tuple[list[str], list[str | int]]]) -> list[Any]:
+        """EVALSHA each call in one pipeline; load the script and redo those that found it
+        missing (a restarted or flushed Redis)."""
+        sha = self._commit.sha
+        results: list[Any] = [None] * len(calls)
+        todo = list(range(len(calls)))
+        for attempt in range(2):
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for i in todo:
+                    keys, args = calls[i]
+                    pipe.evalsha(sha, len(keys), *keys, *args)
+                replies = await pipe.execute(raise_on_error=False)
+            missing = []
+            for i, reply in zip(todo, replies, strict=True):
+                if isinstance(reply, NoScriptError) and attempt == 0:
+                    missing.append(i)
+                else:
+                    results[i] = reply
+            if not missing:
+                break
+            await self.redis.script_load(_COMMIT)
+            todo = missing
+        return results
+
+    async def aclose(self) -> None:
+        """Wait for commits in flight (a worker calls this when it stops)."""
+        if self._flusher is not None:
+            await asyncio.gather(self._flusher, return_exceptions=True)
+            self._flusher = None
 
     async def mark_sunk(self, gid: str, ctype: str, sunk: int) -> None:
         await self.redis.hset(self.keyspace.checkpoint(gid, ctype), "sunk", sunk)

@@ -707,3 +707,27 @@ async def test_totals_skip_values_redis_cannot_add(broker: Broker) -> None:
     assert await store.add_once("analytics", "gX", {"a": 1.0, "b": float("inf"),
                                                      "c": float("nan")}) is True
     assert await store.totals("analytics") == {"a": 1.0}
+
+
+async def test_commits_of_one_turn_share_a_pipeline_and_keep_their_own_results(
+    broker: Broker, redis_url: str,
+) -> None:
+    store = ConsumerStore(broker.redis, broker.log.keyspace, 60)
+    gids = [(await broker.start(request("a b"))).id for _ in range(6)]
+    for gid in gids:
+        await store.take(gid, "t", "w")
+    await store.take(gids[0], "t", "other")  # this one is no longer ours
+    results = await asyncio.gather(*(
+        store.commit(gid, "t", "w", expected=0, seq=1, state="{}", sunk=0, done=False,
+                     records=['{"n":1}']) for gid in gids
+    ), return_exceptions=True)
+    assert isinstance(results[0], Fenced)
+    assert results[1:] == [(1, False)] * 5
+    if not os.environ.get("TOKENTEE_TEST_REDIS_URL"):  # only on the suite's own server
+        await broker.redis.script_flush()  # a restarted Redis has no scripts loaded
+        again = await asyncio.gather(*(
+            store.commit(gid, "t", "w", expected=1, seq=2, state="{}", sunk=0, done=True,
+                         records=[]) for gid in gids[1:]
+        ))
+        assert again == [(1, False)] * 5
+    await store.aclose()

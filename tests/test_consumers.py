@@ -26,7 +26,7 @@ from consumers.runtime import ConsumerType, Generation, Worker
 from consumers.segment import SentenceSegmenter
 from consumers.sentences import JsonLinesSink, Sentences
 from consumers.stats import GenerationStats
-from consumers.store import ConsumerStore, Fenced
+from consumers.store import Checkpoint, ConsumerStore, Fenced
 from tests.conftest import delete_prefix, make_settings, running_server
 
 TEXT = (
@@ -345,6 +345,17 @@ class Blocking(ConsumerType):
         gen.state["n"] = gen.state.get("n", 0) + 1
 
 
+async def finished_by_another_worker(settings: Settings, gid: str
+                                     ) -> tuple[Checkpoint, Blocking]:
+    """A fresh worker of type ``slow`` takes ``gid`` over and finishes it."""
+    other = Blocking(stop_at=-1)
+    async with consumer_broker(settings, [other]) as second:
+        await consumed(second.consumer_store, gid, "slow")
+        cp = await second.consumer_store.checkpoint(gid, "slow")
+    assert cp is not None
+    return cp, other
+
+
 async def test_takeover_after_a_worker_stops_continues_from_the_checkpoint(
     fast: Settings,
 ) -> None:
@@ -364,13 +375,9 @@ async def test_takeover_after_a_worker_stops_continues_from_the_checkpoint(
         assert before is not None
         assert before.seq < 5
         # A second worker of the same type takes it over once it is idle long enough.
-        other = Blocking(stop_at=-1)
-        async with consumer_broker(settings, [other]) as second:
-            await consumed(second.consumer_store, gid, "slow")
-            cp = await second.consumer_store.checkpoint(gid, "slow")
-            assert cp is not None
-            assert cp.state["n"] == 40
-            assert other.tokens == 40 - before.seq  # it went on from the checkpoint
+        cp, other = await finished_by_another_worker(settings, gid)
+        assert cp.state["n"] == 40
+        assert other.tokens == 40 - before.seq  # it went on from the checkpoint
 
 
 # --- backpressure ------------------------------------------------------------------------
@@ -484,12 +491,8 @@ async def test_drain_checkpoints_and_hands_over_at_once(fast: Settings) -> None:
             broker.log.keyspace.catalog, "slow", min="-", max="+", count=10)
         assert [p["consumer"] for p in pending] == [b"parked"]
         assert int(pending[0]["time_since_delivered"]) >= 10_000
-        other = Blocking(stop_at=-1)
-        async with consumer_broker(settings, [other]) as second:
-            await consumed(second.consumer_store, gid, "slow")
-            cp = await second.consumer_store.checkpoint(gid, "slow")
-            assert cp is not None
-            assert cp.state["n"] == 30
+        cp, _ = await finished_by_another_worker(settings, gid)
+        assert cp.state["n"] == 30
         stuck.release.set()
 
 

@@ -7,6 +7,7 @@ The public surface for Python services::
 
 from broker.errors import (
     GenerationNotFound,
+    IdempotencyConflict,
     InvalidResumePoint,
     ProviderConfigError,
     ShuttingDown,
@@ -29,6 +30,7 @@ __all__ = [
     "GenerationNotFound",
     "GenerationRequest",
     "GenerationState",
+    "IdempotencyConflict",
     "InvalidResumePoint",
     "Provider",
     "ProviderConfigError",

@@ -42,3 +42,7 @@ class UpstreamProtocolError(TokenteeError, ValueError):
 class ConsumerConfigError(TokenteeError, ValueError):
     """A consumer type that cannot be loaded or set up (an unknown type, a sink that cannot
     be opened), or a worker without a Redis to work on."""
+
+
+class IdempotencyConflict(TokenteeError, ValueError):
+    """An ``Idempotency-Key`` that started a generation was reused with another request."""

@@ -7,6 +7,7 @@ generation touch a single hash slot.  Process-wide keys (catalog, control stream
 
 from __future__ import annotations
 
+import hashlib
 import re
 import secrets
 from dataclasses import dataclass
@@ -127,6 +128,11 @@ class Keyspace:
     def totals_applied(self, ctype: str) -> str:
         """Sorted set (same slot as ``totals``): generations already added, by time."""
         return f"{self.prefix}:{{consumers:{ctype}}}:applied"
+
+    def idempotency(self, key: str) -> str:
+        """String: the generation an ``Idempotency-Key`` started (hashed: any key is a safe
+        key name)."""
+        return f"{self.prefix}:idem:{hashlib.sha256(key.encode()).hexdigest()}"
 
     def hub_wake(self, hub_id: str) -> str:
         """Private stream a hub includes in its blocking read, to be woken for new streams."""

@@ -127,6 +127,17 @@ end
 return slowest
 """
 
+# KEYS: idempotency key.  ARGV: expected value ('' = none), new value ('' = delete), ttl.
+# Compare-and-set: returns the value that was there (false if none); writes only on a match.
+_CLAIM_KEY = """
+local current = redis.call('GET', KEYS[1])
+if (current or '') == ARGV[1] then
+  if ARGV[2] == '' then redis.call('DEL', KEYS[1])
+  else redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[3]) end
+end
+return current
+"""
+
 
 @dataclass(frozen=True, slots=True)
 class GenerationMeta:
@@ -194,6 +205,7 @@ class GenerationLog:
         self._finish = redis.register_script(_FINISH)
         self._request_cancel = redis.register_script(_REQUEST_CANCEL)
         self._hold = redis.register_script(_HOLD)
+        self._claim_key = redis.register_script(_CLAIM_KEY)
 
     @classmethod
     def for_settings(cls, redis: aioredis.Redis, settings: Settings) -> GenerationLog:
@@ -210,7 +222,7 @@ class GenerationLog:
 
     async def create(
         self, gid: str, *, provider: str, model: str, owner: str, lease_ms: int,
-        ttl_seconds: int, extra: dict[str, str] | None = None,
+        ttl_seconds: int, extra: dict[str, str] | None = None, created: float | None = None,
     ) -> float:
         """Create the generation's metadata, take its lease, announce it on the catalog.
 
@@ -219,7 +231,7 @@ class GenerationLog:
         Returns the creation time.
         """
         keys = self.keys(gid)
-        created = time.time()
+        created = created or time.time()
         fields: dict[str, str] = {
             "id": gid, "status": "running", "provider": provider, "model": model,
             "created": f"{created:.6f}", "last_seq": "0", **(extra or {}),
@@ -300,6 +312,15 @@ class GenerationLog:
                 maxlen=self.control_maxlen, approximate=True,
             )
         return state
+
+    async def swap_idempotency(self, key: str, expected: str | None, new: str | None,
+                               ttl_seconds: int) -> str | None:
+        """Set ``Idempotency-Key`` ``key`` to ``new`` (``None``: delete it) if it holds
+        ``expected`` (``None``: nothing).  Returns what it held before, whether or not it
+        matched."""
+        raw = await self._claim_key(keys=[self.keyspace.idempotency(key)],
+                                    args=[expected or "", new or "", ttl_seconds])
+        return raw.decode() if isinstance(raw, bytes) else None
 
     async def hold(self, gid: str, consumer_types: list[str], resume_at: int) -> int:
         """The position of the slowest of ``consumer_types`` that have taken ``gid`` (-1 if

@@ -9,8 +9,12 @@ cancelled (each writes ``cancelled`` with reason ``shutdown``) and awaited.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import hashlib
+import json
 import logging
 import secrets
+import time
 from dataclasses import dataclass
 from types import TracebackType
 from typing import cast
@@ -20,7 +24,7 @@ from redis.exceptions import RedisError
 
 from broker.backpressure import ConsumerGate
 from broker.connections import raise_if_cancelled
-from broker.errors import ShuttingDown
+from broker.errors import IdempotencyConflict, ShuttingDown
 from broker.keys import new_generation_id
 from broker.log import GenerationLog, StreamEntry, XReadReply
 from broker.producer import Producer
@@ -37,6 +41,12 @@ class GenerationInfo:
     provider: str
     model: str
     created: float
+    replayed: bool = False  # an Idempotency-Key's earlier generation, not a new one
+
+
+# A reservation whose generation is gone (expired) is replaced after this long; younger, the
+# generation may still be being created by the request that reserved the key.
+_RESERVATION_GRACE_SECONDS = 30.0
 
 
 class GenerationManager:
@@ -79,14 +89,20 @@ class GenerationManager:
     def active(self) -> list[str]:
         return list(self._producers)
 
-    async def start(self, request: GenerationRequest, provider_name: str | None = None) -> (
-        GenerationInfo
-    ):
+    async def start(
+        self, request: GenerationRequest, provider_name: str | None = None, *,
+        idempotency_key: str | None = None,
+    ) -> GenerationInfo:
         """Validate, create and start a generation; return once it is in the log.
 
         Raises ``UnknownProvider`` / ``ProviderConfigError`` before anything is written.  The
         producer task belongs to this manager, not to the caller: it keeps running when the
         caller goes away.
+
+        With ``idempotency_key``, the first request with that key starts the generation and
+        every later one, from any broker process, gets the same generation back
+        (``replayed``) without a second upstream call, for as long as the generation is
+        kept.  The same key with a different request raises ``IdempotencyConflict``.
         """
         if self._closing:
             raise ShuttingDown("this broker process is shutting down")
@@ -95,22 +111,68 @@ class GenerationManager:
         model = provider.model_for(request)
         gid = new_generation_id()
         ttl = int(self.settings.max_generation_seconds + self.settings.retention_seconds) + 60
-        created = await self.log.create(
-            gid, provider=name, model=model, owner=self.owner,
-            lease_ms=self.settings.lease_ms, ttl_seconds=ttl,
-        )
-        if self._closing:
-            # aclose() began while we created it: it would not see this producer.  End the
-            # generation here instead of starting a producer nobody drains.
-            await self.log.finish(gid, "cancelled", {"reason": "shutdown"}, owner=self.owner,
-                                  finish_reason="cancelled")
-            raise ShuttingDown("this broker process is shutting down")
+        created = time.time()
+        reservation = None
+        if idempotency_key is not None:
+            reservation = json.dumps({
+                "id": gid, "provider": name, "model": model, "created": created,
+                "request": _fingerprint(name, request),
+            })
+            earlier = await self._reserve(idempotency_key, reservation, ttl)
+            if earlier is not None:
+                return earlier
+        try:
+            await self.log.create(
+                gid, provider=name, model=model, owner=self.owner,
+                lease_ms=self.settings.lease_ms, ttl_seconds=ttl, created=created,
+            )
+            if self._closing:
+                # aclose() began while we created it: it would not see this producer.  End
+                # the generation here instead of starting a producer nobody drains.
+                await self.log.finish(gid, "cancelled", {"reason": "shutdown"},
+                                      owner=self.owner, finish_reason="cancelled")
+                raise ShuttingDown("this broker process is shutting down")
+        except BaseException:
+            if idempotency_key is not None:
+                # Not started (or ended at once): a retry with the key starts afresh.
+                with contextlib.suppress(RedisError):
+                    await self.log.swap_idempotency(idempotency_key, reservation, None, ttl)
+            raise
         producer = Producer(self.log, gid, provider, request, self.settings, self.owner,
                             self.gate)
         task = asyncio.create_task(producer.run(), name=f"tokentee-producer-{gid}")
         self._producers[gid] = (producer, task)
         task.add_done_callback(lambda _t, gid=gid: self._producer_done(gid))  # type: ignore[misc]
         return GenerationInfo(id=gid, provider=name, model=model, created=created)
+
+    async def _reserve(self, key: str, reservation: str, ttl: int) -> GenerationInfo | None:
+        """Reserve ``key`` for the generation in ``reservation``; or return the generation an
+        earlier request with the key started (waiting briefly while it is being created)."""
+        fingerprint = json.loads(reservation)["request"]
+        expected: str | None = None
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 5.0
+        while True:
+            earlier = await self.log.swap_idempotency(key, expected, reservation, ttl)
+            if earlier is None or earlier == expected:
+                return None  # reserved: this request starts the generation
+            info = json.loads(earlier)
+            if info.get("request") != fingerprint:
+                raise IdempotencyConflict(
+                    "this Idempotency-Key was used for a different request"
+                )
+            if await self.log.meta(info["id"]) is not None:
+                return GenerationInfo(id=info["id"], provider=info["provider"],
+                                      model=info["model"], created=info["created"],
+                                      replayed=True)
+            if time.time() - float(info["created"]) > _RESERVATION_GRACE_SECONDS:
+                expected = earlier  # its generation expired: replace the reservation
+                continue
+            if loop.time() > deadline:
+                raise ShuttingDown("the generation for this Idempotency-Key is not ready")
+            # Another request reserved the key and is creating the generation right now
+            # (one Redis transaction away): there is no event to wait on across processes.
+            await asyncio.sleep(0.02)
 
     def _producer_done(self, gid: str) -> None:
         entry = self._producers.pop(gid, None)
@@ -215,3 +277,10 @@ def _cancel(producer: Producer, task: asyncio.Task[None], reason: str) -> bool:
     producer.cancel_reason = reason
     task.cancel()
     return True
+
+
+def _fingerprint(provider: str, request: GenerationRequest) -> str:
+    """What makes two requests "the same" for an Idempotency-Key."""
+    body = json.dumps([provider, request.model, request.messages, request.params],
+                      sort_keys=True, default=str)
+    return hashlib.sha256(body.encode()).hexdigest()

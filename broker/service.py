@@ -114,10 +114,12 @@ class Broker:
     # --- producing --------------------------------------------------------------------------
 
     async def start(
-        self, request: GenerationRequest, provider: str | None = None
+        self, request: GenerationRequest, provider: str | None = None, *,
+        idempotency_key: str | None = None,
     ) -> GenerationInfo:
-        """Start a generation in this process (see :meth:`GenerationManager.start`)."""
-        return await self.manager.start(request, provider)
+        """Start a generation in this process (see :meth:`GenerationManager.start`), or,
+        with an ``idempotency_key`` used before, return that key's generation."""
+        return await self.manager.start(request, provider, idempotency_key=idempotency_key)
 
     async def cancel(self, gid: str, reason: str = "requested") -> str:
         """Cancel ``gid`` wherever its producer runs.  Returns the status after the request

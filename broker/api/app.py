@@ -26,6 +26,7 @@ from broker.api.schemas import (
 )
 from broker.errors import (
     GenerationNotFound,
+    IdempotencyConflict,
     InvalidResumePoint,
     ProviderConfigError,
     ShuttingDown,
@@ -99,18 +100,31 @@ def create_app(
         if not is_generation_id(gid):
             raise GenerationNotFound(gid)
 
-    @app.post("/v1/streams", status_code=201, response_model=StreamCreated)
-    async def create_stream(body: CreateStream, request: Request) -> StreamCreated:
+    @app.post("/v1/streams", status_code=201, response_model=StreamCreated,
+              responses={200: {"description": "An Idempotency-Key's earlier generation."}})
+    async def create_stream(
+        body: CreateStream, request: Request, response: Response,
+        idempotency_key: Annotated[str | None, Header(min_length=1, max_length=255)] = None,
+    ) -> StreamCreated:
+        """Start a generation.  With ``Idempotency-Key``, a repeat of the same request gets
+        the same generation (200, ``Idempotent-Replayed: true``) instead of a second upstream
+        call; the same key with a different request gets 422."""
         b = get_broker(request)
         gen_request = GenerationRequest(
             messages=body.message_dicts(), model=body.model, params=body.params
         )
         try:
-            info = await b.start(gen_request, body.provider)
+            info = await b.start(gen_request, body.provider, idempotency_key=idempotency_key)
         except UnknownProvider as exc:
             raise _unprocessable("provider", str(exc)) from exc
         except ProviderConfigError as exc:
             raise _unprocessable("params", str(exc)) from exc
+        except IdempotencyConflict as exc:
+            raise HTTPException(422, [{"loc": ["header", "idempotency-key"], "msg": str(exc),
+                                       "type": "value_error"}]) from exc
+        if info.replayed:
+            response.status_code = 200
+            response.headers["Idempotent-Replayed"] = "true"
         base = settings.public_url.rstrip("/") if settings.public_url else str(
             request.base_url
         ).rstrip("/")

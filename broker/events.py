@@ -38,10 +38,17 @@ class Finish:
 
 @dataclass(frozen=True, slots=True)
 class UpstreamFailure:
-    """The upstream reported an error; the generation ends with an ``error`` entry."""
+    """The upstream reported an error; the generation ends with an ``error`` entry.
+
+    ``retryable``: another attempt may succeed (the request never got through, 429, 5xx);
+    ``retry_after``: how long the upstream asked us to wait, in seconds, if it said.
+    """
 
     code: str
     message: str
+    # Hints for the retry policy, not part of what the failure is.
+    retryable: bool = field(default=False, compare=False)
+    retry_after: float | None = field(default=None, compare=False)
 
 
 ProviderEvent = TextDelta | Usage | Finish | UpstreamFailure

@@ -134,6 +134,20 @@ class Settings(BaseSettings):
     upstream_connect_timeout: float = Field(default=10.0, gt=0)
     upstream_read_timeout: float = Field(default=60.0, gt=0)
     upstream_max_line_bytes: int = Field(default=1_048_576, ge=1_024)
+    upstream_retries: int = Field(
+        default=2, ge=0,
+        description="Retries of an upstream call that failed before its first token (could"
+        " not connect, 429, 5xx).  After the first token a failure ends the generation.",
+    )
+    upstream_retry_base_seconds: float = Field(
+        default=0.5, gt=0,
+        description="First retry delay; it doubles per retry, with full jitter.",
+    )
+    upstream_retry_max_wait_seconds: float = Field(
+        default=30.0, ge=0,
+        description="Longest wait before a retry.  An upstream asking (Retry-After) for"
+        " longer is not retried: the generation ends with its error.",
+    )
     upstream_trust_env: bool = Field(
         default=True,
         description="Let the upstream HTTP client use HTTP(S)_PROXY, NO_PROXY and SSL_CERT_FILE"

@@ -179,6 +179,7 @@ class FakeUpstream:
 
 def settings(base_url: str, **kw: Any) -> Settings:
     kw.setdefault("openai_api_key", None)
+    kw.setdefault("upstream_retries", 0)  # one attempt each: retries are tested apart
     return Settings(openai_base_url=base_url, **kw)
 
 

@@ -23,6 +23,7 @@ import httpx
 from broker.errors import ProviderConfigError, UpstreamProtocolError
 from broker.events import Finish, ProviderEvent, TextDelta, UpstreamFailure, Usage
 from broker.providers.base import GenerationRequest
+from broker.providers.retry import retry_after, with_retries
 from broker.providers.sse import aiter_sse
 from broker.settings import Settings
 
@@ -126,7 +127,12 @@ class OpenAIProvider:
         if n is not None and (isinstance(n, bool) or n != 1):
             raise ProviderConfigError("parameter 'n' must be 1: one generation is one choice")
 
-    async def stream(self, request: GenerationRequest) -> AsyncIterator[ProviderEvent]:
+    def stream(self, request: GenerationRequest) -> AsyncIterator[ProviderEvent]:
+        """One streaming completion, retried (see :func:`with_retries`) while it fails
+        before its first token; the events of the attempt that counts."""
+        return with_retries(lambda: self._attempt(request), self._settings, self.name)
+
+    async def _attempt(self, request: GenerationRequest) -> AsyncIterator[ProviderEvent]:
         """Run one streaming completion; yield text deltas, then usage, then the end.
 
         Yields :class:`TextDelta` per non-empty ``delta.content``, at most one
@@ -246,10 +252,13 @@ class OpenAIProvider:
         text = bytes(body[:_ERROR_BODY_LIMIT]).decode("utf-8", "replace")
         message = _error_message(text) or text.strip() or response.reason_phrase
         logger.warning("upstream returned HTTP %d", response.status_code)
+        status = response.status_code
         return UpstreamFailure(
-            f"upstream_http_{response.status_code}",
+            f"upstream_http_{status}",
             # Redact before truncating, so a cut cannot leave a prefix of the key behind.
             self._redact(message)[:_MESSAGE_LIMIT],
+            retryable=status == 429 or status >= 500,
+            retry_after=retry_after(response.headers),
         )
 
 
@@ -372,7 +381,9 @@ def _transport_failure(exc: httpx.TransportError) -> UpstreamFailure:
     # base URL may carry credentials.
     kind = type(exc).__name__
     if isinstance(exc, httpx.ConnectTimeout | httpx.ConnectError | httpx.ProxyError):
-        return UpstreamFailure("upstream_unreachable", f"could not connect to upstream ({kind})")
+        # The request never reached the upstream: safe to try again.
+        return UpstreamFailure("upstream_unreachable", f"could not connect to upstream ({kind})",
+                               retryable=True)
     if isinstance(exc, httpx.TimeoutException):
         return UpstreamFailure("upstream_timeout", f"upstream timed out ({kind})")
     if isinstance(exc, httpx.RemoteProtocolError | httpx.ReadError | httpx.WriteError):

@@ -51,11 +51,50 @@ class UpstreamFailure:
     retry_after: float | None = field(default=None, compare=False)
 
 
-ProviderEvent = TextDelta | Usage | Finish | UpstreamFailure
+@dataclass(frozen=True, slots=True)
+class ReasoningDelta:
+    """A piece of the model's reasoning (OpenAI-compatible ``reasoning_content``, Anthropic
+    ``thinking_delta``): logged as ``reasoning``, never part of the text."""
+
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class ReasoningSignature:
+    """Anthropic's signature of a thinking block (needed to send the block back)."""
+
+    signature: str
+
+
+@dataclass(frozen=True, slots=True)
+class ToolCallDelta:
+    """Part of tool call ``index``: its ``id`` and ``name`` (when first seen) and a piece of
+    its JSON ``arguments``.  The producer accumulates the pieces per index."""
+
+    index: int
+    id: str | None = None
+    name: str | None = None
+    arguments: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class ToolCallEnd:
+    """Tool call ``index`` is complete (calls still open at the finish end there)."""
+
+    index: int
+
+
+ProviderEvent = (
+    TextDelta | ReasoningDelta | ReasoningSignature | ToolCallDelta | ToolCallEnd | Usage
+    | Finish | UpstreamFailure
+)
 
 # --- log entries -------------------------------------------------------------------------
 
-EventType = Literal["token", "done", "error", "cancelled", "gap"]
+EventType = Literal[
+    "token", "reasoning", "reasoning_signature", "tool_call_delta", "tool_call", "done",
+    "error", "cancelled", "gap",
+]
 TERMINAL_TYPES: frozenset[str] = frozenset({"done", "error", "cancelled"})
 STATUSES: frozenset[str] = frozenset({"running", "done", "error", "cancelled"})
 

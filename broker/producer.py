@@ -30,7 +30,11 @@ from broker.backpressure import ConsumerGate
 from broker.events import (
     Finish,
     ProviderEvent,
+    ReasoningDelta,
+    ReasoningSignature,
     TextDelta,
+    ToolCallDelta,
+    ToolCallEnd,
     UpstreamFailure,
     Usage,
     dumps,
@@ -83,6 +87,7 @@ class Producer:
         self._usage: dict[str, Any] | None = None
         self.finishing = False  # writing the terminal entry: further cancels are refused
         self._carry = ""  # a high surrogate whose pair may start the next delta
+        self._tool_calls: dict[int, dict[str, str]] = {}  # open tool calls, by index
         # Backpressure: the highest seq we may read up to before asking the log how far the
         # slowest live consumer type is (None: no live consumer type holds us back).
         self.gate = gate if gate is not None and gate.enabled else None
@@ -189,44 +194,78 @@ class Producer:
         return result
 
     async def _read_upstream(self) -> Terminal:
-        high_water = 4 * self.settings.append_batch
         stream: AsyncIterator[ProviderEvent] = self.provider.stream(self.request)
         async with contextlib.aclosing(stream):  # type: ignore[type-var]
             async for event in stream:
+                ended: Terminal | None = None
                 match event:
                     case TextDelta(text=text) if text:
                         text = self._whole_characters(text)
-                        if not text:
-                            continue
-                        if self.seq + 1 >= self.settings.max_entries:
-                            return _error(
-                                "max_entries",
-                                f"the generation reached the cap of {self.settings.max_entries}"
-                                " entries",
-                            )
-                        self.seq += 1
-                        self._pending.append(
-                            (self.seq, "token", {"text": text}, time.time(), text)
-                        )
-                        self._wake.set()
-                        gate = self.gate
-                        if gate is not None and gate.live and (
-                            self.seq >= self._limit or self._limit_version != gate.version
-                        ):
-                            await self._hold()
-                        if len(self._pending) >= high_water:
-                            self._drained.clear()
-                            await self._drained.wait()
+                        if text:
+                            ended = await self._add("token", {"text": text}, text)
+                    case ReasoningDelta(text=text) if text:
+                        ended = await self._add("reasoning", {"text": text})
+                    case ReasoningSignature(signature=signature) if signature:
+                        ended = await self._add("reasoning_signature", {"signature": signature})
+                    case ToolCallDelta():
+                        ended = await self._tool_call_delta(event)
+                    case ToolCallEnd(index=index):
+                        ended = await self._tool_call_end(index)
                     case Usage(usage=usage):
                         self._usage = usage
                     case Finish(reason=reason):
+                        for index in list(self._tool_calls):  # calls the upstream left open
+                            ended = await self._tool_call_end(index)
+                            if ended is not None:
+                                return ended
                         data: dict[str, Any] = {"finish_reason": reason}
                         if self._usage is not None:
                             data["usage"] = self._usage
                         return ("done", data, reason)
                     case UpstreamFailure(code=code, message=message):
                         return _error(code, message)
+                if ended is not None:
+                    return ended
         return _error("upstream_incomplete", "the upstream stream ended without finishing")
+
+    async def _add(self, etype: str, data: dict[str, Any], text: str = "") -> Terminal | None:
+        """Queue one entry for the writer; then hold for the consumers, or for the writer,
+        as needed.  Returns the ``max_entries`` error instead when the cap is reached."""
+        if self.seq + 1 >= self.settings.max_entries:
+            return _error(
+                "max_entries",
+                f"the generation reached the cap of {self.settings.max_entries} entries",
+            )
+        self.seq += 1
+        self._pending.append((self.seq, etype, data, time.time(), text))
+        self._wake.set()
+        gate = self.gate
+        if gate is not None and gate.live and (
+            self.seq >= self._limit or self._limit_version != gate.version
+        ):
+            await self._hold()
+        if len(self._pending) >= 4 * self.settings.append_batch:
+            self._drained.clear()
+            await self._drained.wait()
+        return None
+
+    async def _tool_call_delta(self, delta: ToolCallDelta) -> Terminal | None:
+        call = self._tool_calls.setdefault(delta.index, {"id": "", "name": "", "arguments": ""})
+        data: dict[str, Any] = {"index": delta.index}
+        if delta.id:
+            call["id"] = data["id"] = delta.id
+        if delta.name:
+            call["name"] = data["name"] = delta.name
+        if delta.arguments:
+            call["arguments"] += delta.arguments
+            data["arguments"] = delta.arguments
+        return await self._add("tool_call_delta", data) if len(data) > 1 else None
+
+    async def _tool_call_end(self, index: int) -> Terminal | None:
+        call = self._tool_calls.pop(index, None)
+        if call is None:
+            return None
+        return await self._add("tool_call", {"index": index, **call})
 
     async def _hold(self) -> None:
         """At the backpressure limit: stop reading the upstream (TCP flow control then

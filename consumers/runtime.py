@@ -116,6 +116,11 @@ class ConsumerType:
         """For the terminal entry (``done``, ``error`` or ``cancelled``)."""
         return None
 
+    def other(self, gen: Generation, event: Event) -> Awaitable[None] | None:
+        """For every other entry: ``reasoning``, ``reasoning_signature``,
+        ``tool_call_delta``, ``tool_call``, and types a later version adds."""
+        return None
+
     def checkpoint(self, gen: Generation) -> None:
         """Before each commit: move what lives in ``gen.scratch`` into ``gen.state``."""
 
@@ -520,7 +525,7 @@ class Worker:
             return self.ctype.gap(gen, event)
         if event.terminal:
             return self.ctype.end(gen, event)
-        return None  # an entry type this version does not know: skip it
+        return self.ctype.other(gen, event)
 
     async def _guarded(self, gen: Generation, seq: int, skip: set[int],
                        handler: Callable[..., Awaitable[None] | None], *args: Any) -> None:

@@ -357,7 +357,7 @@ async def test_owned_client_is_closed_and_recreated() -> None:
         ({"n": True}, "'n' must be 1"),
         ({"stream": False}, "set by the broker"),
         ({"model": "x"}, "set by the broker"),
-        ({"tools": []}, "tool calls are not relayed"),
+        ({"functions": []}, "deprecated function-calling API"),
     ],
 )
 async def test_bad_params_raise_before_any_request(params: dict[str, Any], match: str) -> None:

@@ -21,7 +21,15 @@ from typing import Any
 import httpx
 
 from broker.errors import ProviderConfigError, UpstreamProtocolError
-from broker.events import Finish, ProviderEvent, TextDelta, UpstreamFailure, Usage
+from broker.events import (
+    Finish,
+    ProviderEvent,
+    ReasoningDelta,
+    TextDelta,
+    ToolCallDelta,
+    UpstreamFailure,
+    Usage,
+)
 from broker.providers.base import GenerationRequest
 from broker.providers.retry import retry_after, with_retries
 from broker.providers.sse import aiter_sse
@@ -32,10 +40,14 @@ __all__ = ["ALLOWED_PARAMS", "OpenAIProvider"]
 logger = logging.getLogger(__name__)
 
 #: Request parameters passed through to the upstream unchanged.  ``n`` is accepted only as
-#: 1 (one generation id is one choice).  ``tools``/``tool_choice`` are deliberately absent:
-#: we relay text deltas only, so a tool call would silently come back as empty output.
+#: 1 (one generation id is one choice).  Tool calls and reasoning come back as their own
+#: log entries (``tool_call_delta``/``tool_call``, ``reasoning``).
 ALLOWED_PARAMS: frozenset[str] = frozenset(
     {
+        "tools",
+        "tool_choice",
+        "parallel_tool_calls",
+        "reasoning_effort",
         "temperature",
         "top_p",
         "max_tokens",
@@ -51,7 +63,7 @@ ALLOWED_PARAMS: frozenset[str] = frozenset(
 )
 # Set by the provider itself; a client may not override them.
 _RESERVED_PARAMS = frozenset({"model", "messages", "stream", "stream_options"})
-_NOT_RELAYED_PARAMS = frozenset({"tools", "tool_choice", "parallel_tool_calls", "functions"})
+_NOT_RELAYED_PARAMS = frozenset({"functions", "function_call"})
 
 _ERROR_BODY_LIMIT = 4096  # bytes of a non-2xx body read to find the error message
 _MESSAGE_LIMIT = 500  # characters of upstream-provided text kept in an UpstreamFailure
@@ -114,7 +126,8 @@ class OpenAIProvider:
         not_relayed = sorted(_NOT_RELAYED_PARAMS.intersection(request.params))
         if not_relayed:
             raise ProviderConfigError(
-                f"parameters {not_relayed} are not supported: tool calls are not relayed"
+                f"parameters {not_relayed} are the deprecated function-calling API: use"
+                " 'tools' and 'tool_choice'"
             )
         unknown = sorted(set(request.params) - ALLOWED_PARAMS)
         if unknown:
@@ -302,9 +315,17 @@ class _ChunkMapper:
             choice = choices[0]
             delta = choice.get("delta")
             if isinstance(delta, Mapping):
+                # Reasoning deltas: ``reasoning_content`` (DeepSeek, vLLM, llama.cpp) or
+                # ``reasoning`` (OpenRouter, Ollama).
+                for key in ("reasoning_content", "reasoning"):
+                    reasoning = delta.get(key)
+                    if isinstance(reasoning, str) and reasoning:
+                        out.append(ReasoningDelta(reasoning))
+                        break
                 content = delta.get("content")
                 if isinstance(content, str) and content:
                     out.append(TextDelta(content))
+                out += _tool_call_deltas(delta.get("tool_calls"))
             reason = choice.get("finish_reason")
             if isinstance(reason, str) and reason:
                 self.finish_reason = reason
@@ -356,6 +377,30 @@ class _ChunkMapper:
         return UpstreamFailure(
             self._redact(code_text)[:_CODE_LIMIT], self._redact(message)[:_MESSAGE_LIMIT]
         )
+
+
+def _tool_call_deltas(calls: Any) -> list[ProviderEvent]:
+    """``delta.tool_calls``: pieces of calls, keyed by ``index`` (the first piece of a call
+    has its ``id`` and ``function.name``, later ones only ``function.arguments``)."""
+    out: list[ProviderEvent] = []
+    if not isinstance(calls, list):
+        return out
+    for position, call in enumerate(calls):
+        if not isinstance(call, Mapping):
+            continue
+        index = call.get("index", position)
+        if not isinstance(index, int) or isinstance(index, bool):
+            continue
+        function = call.get("function")
+        function = function if isinstance(function, Mapping) else {}
+        name, arguments, call_id = function.get("name"), function.get("arguments"), call.get("id")
+        out.append(ToolCallDelta(
+            index,
+            id=call_id if isinstance(call_id, str) and call_id else None,
+            name=name if isinstance(name, str) and name else None,
+            arguments=arguments if isinstance(arguments, str) else "",
+        ))
+    return out
 
 
 def _error_message(text: str) -> str | None:

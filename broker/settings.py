@@ -131,6 +131,23 @@ class Settings(BaseSettings):
         ),
     )
     openai_model: str = "gpt-4o-mini"
+    anthropic_base_url: str = Field(
+        default="https://api.anthropic.com",
+        validation_alias=AliasChoices(
+            "TOKENTEE_ANTHROPIC_BASE_URL", "ANTHROPIC_BASE_URL", "anthropic_base_url"
+        ),
+    )
+    anthropic_api_key: SecretStr | None = Field(
+        default=None,
+        validation_alias=AliasChoices(
+            "TOKENTEE_ANTHROPIC_API_KEY", "ANTHROPIC_API_KEY", "anthropic_api_key"
+        ),
+    )
+    anthropic_model: str = "claude-sonnet-4-5"
+    anthropic_max_tokens: int = Field(
+        default=4_096, ge=1,
+        description="max_tokens of anthropic requests that give none (Messages requires it).",
+    )
     upstream_connect_timeout: float = Field(default=10.0, gt=0)
     upstream_read_timeout: float = Field(default=60.0, gt=0)
     upstream_max_line_bytes: int = Field(default=1_048_576, ge=1_024)

@@ -20,9 +20,11 @@ class ProviderRegistry(Mapping[str, Provider]):
 
     @classmethod
     def from_settings(cls, settings: Settings) -> ProviderRegistry:
+        from broker.providers.anthropic import AnthropicProvider
         from broker.providers.openai import OpenAIProvider
 
-        return cls({"simulated": SimulatedProvider(), "openai": OpenAIProvider(settings)})
+        return cls({"simulated": SimulatedProvider(), "openai": OpenAIProvider(settings),
+                    "anthropic": AnthropicProvider(settings)})
 
     def __getitem__(self, name: str) -> Provider:
         try:

@@ -20,7 +20,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import aclosing
 
-from broker.events import ProviderEvent, UpstreamFailure
+from broker.events import ProviderEvent, UpstreamFailure, Usage
 from broker.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -32,13 +32,20 @@ async def with_retries(
     for number in range(settings.upstream_retries + 1):
         failure: UpstreamFailure | None = None
         started = False
+        held: list[ProviderEvent] = []  # usage before any output: dropped if we retry
         async with aclosing(attempt()) as events:  # type: ignore[type-var]
             async for event in events:
                 if (isinstance(event, UpstreamFailure) and event.retryable and not started
                         and number < settings.upstream_retries):
                     failure = event
                     break
+                if not started and isinstance(event, Usage):
+                    held.append(event)
+                    continue
                 started = True
+                for earlier in held:
+                    yield earlier
+                held = []
                 yield event
         if failure is None:
             return

@@ -19,6 +19,7 @@ from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from broker.events import Event
+from broker.formats import NATIVE, Encoder
 from broker.hub import Cursor
 
 logger = logging.getLogger(__name__)
@@ -30,10 +31,6 @@ SSE_HEADERS: list[tuple[bytes, bytes]] = [
 ]
 
 _RESUME_RE = re.compile(r"[0-9]{1,18}")
-# Characters some line splitters (Python's str.splitlines, some JS libraries) treat as line
-# ends although SSE does not.  JSON escapes every control character below U+0020 already.
-_EXTRA_LINE_BREAKS = str.maketrans({"\u0085": "\\u0085", "\u2028": "\\u2028",
-                                    "\u2029": "\\u2029"})
 
 
 def parse_resume_id(value: str | None) -> int | None:
@@ -50,18 +47,13 @@ def parse_resume_id(value: str | None) -> int | None:
 
 
 def encode_event(event: Event) -> bytes:
-    """One SSE frame.  ``data`` is compact JSON on a single line: token text with CR/LF can
-    never start a new field or event.
+    """One native SSE frame.  ``data`` is compact JSON on a single line: token text with
+    CR/LF can never start a new field or event.
 
     The hub hands the same :class:`Event` object to every cursor of a stream, so the frame is
     encoded once per process and cached on the event, not once per client.
     """
-    frame = event.sse_frame
-    if frame is None:
-        data = event.json_data().translate(_EXTRA_LINE_BREAKS)
-        frame = f"id: {event.seq}\nevent: {event.type}\ndata: {data}\n\n".encode()
-        object.__setattr__(event, "sse_frame", frame)  # frozen: a cache, not a state change
-    return frame
+    return NATIVE.encode(event)
 
 
 def comment(text: str) -> bytes:
@@ -86,9 +78,12 @@ class EventStreamResponse(Response):
 
     def __init__(
         self, cursor: Cursor, release: contextlib.AsyncExitStack, *, heartbeat: float,
-        send_timeout: float, shutdown: asyncio.Event,
+        send_timeout: float, shutdown: asyncio.Event, encoder: Encoder = NATIVE,
+        headers: list[tuple[bytes, bytes]] | None = None,
     ) -> None:
         super().__init__(status_code=200, media_type="text/event-stream")
+        self.encoder = encoder
+        self.extra_headers = headers or []
         self.cursor = cursor
         self.release = release
         self.heartbeat = heartbeat
@@ -97,7 +92,8 @@ class EventStreamResponse(Response):
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
-            await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
+            await send({"type": "http.response.start", "status": 200,
+                        "headers": SSE_HEADERS + self.extra_headers})
             # A comment right away: proxies and Starlette-style middlewares hold the headers
             # back until the first body chunk, and the client learns it is connected.
             await self._send(send, comment("tokentee stream"))
@@ -143,8 +139,9 @@ class EventStreamResponse(Response):
             except StopAsyncIteration:
                 return
             # Whatever else the cursor already holds goes out in the same write.
-            chunk = [encode_event(event)]
-            chunk += [encode_event(e) for e in cursor.ready()]
+            encode = self.encoder.encode
+            chunk = [encode(event)]
+            chunk += [encode(e) for e in cursor.ready()]
             await self._send(send, b"".join(chunk))
             if cursor.finished:
                 return

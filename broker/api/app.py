@@ -7,7 +7,7 @@ import contextlib
 import json
 import logging
 from collections.abc import AsyncIterator
-from typing import Annotated
+from typing import Annotated, Literal
 
 from fastapi import FastAPI, Header, HTTPException, Query, Request, Response
 from fastapi.responses import JSONResponse
@@ -17,6 +17,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from broker.api.schemas import (
     CancelAccepted,
+    ChatCompletionRequest,
     CreateStream,
     Sentence,
     StreamCreated,
@@ -32,6 +33,7 @@ from broker.errors import (
     ShuttingDown,
     UnknownProvider,
 )
+from broker.formats import NATIVE, Encoder, OpenAIChunks, completion
 from broker.keys import is_generation_id
 from broker.log import GenerationMeta
 from broker.providers.base import GenerationRequest
@@ -172,15 +174,25 @@ def create_app(
         request: Request,
         after: Annotated[str | None, Query(max_length=64)] = None,
         last_event_id: Annotated[str | None, Header(max_length=64)] = None,
+        format: Annotated[Literal["native", "openai"], Query()] = "native",
     ) -> Response:
         """Every event after the resume point.  ``Last-Event-ID`` (what a reconnecting
-        EventSource sends) wins over ``after``."""
+        EventSource sends) wins over ``after``.  ``format=openai`` sends OpenAI
+        ``chat.completion.chunk`` objects instead of tokentee's events."""
         check_id(gid)  # before the resume id: an unknown stream is 404 whatever the header
         try:
             resume = parse_resume_id(last_event_id or after) or 0
         except ValueError as exc:
             raise HTTPException(400, str(exc)) from exc
         b = get_broker(request)
+        encoder: Encoder = NATIVE
+        if format == "openai":
+            meta = (await b.state(gid)).meta
+            encoder = OpenAIChunks(gid, meta.model, meta.created)
+        return await relay(b, gid, resume, request, encoder)
+
+    async def relay(b: Broker, gid: str, resume: int, request: Request, encoder: Encoder,
+                    headers: list[tuple[bytes, bytes]] | None = None) -> Response:
         release = contextlib.AsyncExitStack()
         try:
             cursor = await release.enter_async_context(b.subscribe(gid, resume))
@@ -197,7 +209,40 @@ def create_app(
         return EventStreamResponse(
             cursor, release, heartbeat=settings.heartbeat_seconds,
             send_timeout=settings.send_timeout_seconds, shutdown=request.app.state.shutdown,
+            encoder=encoder, headers=headers,
         )
+
+    @app.post("/v1/chat/completions", response_model=None)
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+        """OpenAI-compatible: starts a generation through the configured upstream and relays
+        it, streaming (``chat.completion.chunk`` SSE) or not (one ``chat.completion``).
+        ``X-Stream-Id`` names the generation, so other clients can join it."""
+        b = get_broker(request)
+        gen_request = GenerationRequest(
+            messages=body.message_dicts(), model=body.model, params=body.params()
+        )
+        try:
+            info = await b.start(gen_request, body.provider)
+        except UnknownProvider as exc:
+            return _openai_error(400, str(exc), "provider")
+        except ProviderConfigError as exc:
+            return _openai_error(400, str(exc), None)
+        stream_id = [(b"x-stream-id", info.id.encode())]
+        encoder = OpenAIChunks(info.id, info.model, info.created)
+        if body.stream:
+            return await relay(b, info.id, 0, request, encoder, stream_id)
+        events = [event async for event in b.events(info.id)]
+        final = events[-1] if events else None
+        if final is None or final.type != "done":
+            code = str(final.data.get("code", final.type)) if final else "log_lost"
+            message = str(final.data.get("message", "")) if final else "no terminal event"
+            return JSONResponse(
+                {"error": {"message": message or f"the generation ended with {code}",
+                           "type": "upstream_error", "code": code, "param": None}},
+                status_code=502, headers={"X-Stream-Id": info.id},
+            )
+        return JSONResponse(completion(info.id, info.model, info.created, events),
+                            headers={"X-Stream-Id": info.id})
 
     @app.post("/v1/streams/{gid}/cancel", status_code=202, response_model=CancelAccepted)
     async def cancel_stream(gid: str, request: Request) -> CancelAccepted:
@@ -267,6 +312,12 @@ def create_app(
         )
 
     return app
+
+
+def _openai_error(status: int, message: str, param: str | None) -> JSONResponse:
+    """An error response in OpenAI's shape, so that OpenAI clients report its message."""
+    return JSONResponse({"error": {"message": message, "type": "invalid_request_error",
+                                   "param": param, "code": None}}, status_code=status)
 
 
 def _unprocessable(field: str, message: str) -> HTTPException:

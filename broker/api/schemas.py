@@ -110,3 +110,23 @@ class StreamStats(ConsumerProgress):
     error_code: str | None
     usage: dict[str, Any] | None
     lost_entries: int
+
+
+class ChatCompletionRequest(BaseModel):
+    """``POST /v1/chat/completions``: OpenAI's request body.  ``provider`` (an extension)
+    picks the upstream; every field other than the ones below is passed to the provider
+    as a parameter, which accepts or refuses it."""
+
+    model_config = ConfigDict(extra="allow")
+
+    messages: list[Message] = Field(min_length=1, max_length=10_000)
+    model: str | None = Field(default=None, min_length=1, max_length=256)
+    stream: bool = False
+    stream_options: dict[str, Any] | None = None
+    provider: str | None = Field(default=None, min_length=1, max_length=64)
+
+    def params(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+    def message_dicts(self) -> list[dict[str, Any]]:
+        return [m.model_dump(exclude_none=True) for m in self.messages]

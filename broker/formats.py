@@ -1,0 +1,153 @@
+"""Client wire formats, all encoded from the same log entries.
+
+An encoder turns a reader's events into SSE frames for one response.  Every frame carries
+the ``id:`` of the entry it comes from, so ``Last-Event-ID`` resumes work in every format.
+
+- :class:`NativeFrames`: tokentee's own events (``event: token`` ...), encoded once per
+  process and shared by every client (the frame is cached on the event).
+- :class:`OpenAIChunks`: OpenAI's ``chat.completion.chunk`` objects and ``data: [DONE]``, for
+  clients written against OpenAI's streaming Chat Completions.
+
+:func:`completion` builds the non-streaming ``chat.completion`` object from a finished
+generation's events.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from typing import Any, Protocol
+
+from broker.events import Event
+
+_EXTRA_LINE_BREAKS = str.maketrans({"\u0085": "\\u0085", "\u2028": "\\u2028",
+                                    "\u2029": "\\u2029"})
+
+
+class Encoder(Protocol):
+    def encode(self, event: Event) -> bytes: ...
+
+
+def _data_line(payload: str) -> str:
+    # JSON escapes every control character below U+0020; these three are line ends for some
+    # splitters (Python's str.splitlines, some JS libraries) although not for SSE.
+    return "data: " + payload.translate(_EXTRA_LINE_BREAKS) + "\n"
+
+
+class NativeFrames:
+    """``id``, ``event`` (the entry type) and ``data`` (the entry's JSON) per event."""
+
+    def encode(self, event: Event) -> bytes:
+        frame = event.sse_frame
+        if frame is None:
+            frame = (f"id: {event.seq}\nevent: {event.type}\n"
+                     + _data_line(event.json_data()) + "\n").encode()
+            object.__setattr__(event, "sse_frame", frame)  # frozen: a cache, not a state
+        return frame
+
+
+NATIVE = NativeFrames()
+
+# tokentee finish reasons that are not OpenAI's.
+_ERROR_TYPES = {"cancelled": "cancelled"}
+
+
+class OpenAIChunks:
+    """``chat.completion.chunk`` objects as OpenAI streams them.
+
+    The first entry's chunk carries ``role: assistant``; ``token`` entries are
+    ``delta.content``, ``reasoning`` ``delta.reasoning_content``, ``tool_call_delta``
+    ``delta.tool_calls``; ``done`` is a chunk with the ``finish_reason``, a usage chunk
+    (``choices: []``) when the upstream reported usage, then ``[DONE]``; ``error`` and
+    ``cancelled`` are an ``error`` object (what OpenAI sends when a stream fails), then
+    ``[DONE]``.  ``gap`` has no OpenAI form: it becomes an SSE comment.  Entries with no
+    chunk of their own (``tool_call``, ``reasoning_signature``) send nothing.
+    """
+
+    def __init__(self, gid: str, model: str, created: float) -> None:
+        self.base = {"id": f"chatcmpl-{gid}", "object": "chat.completion.chunk",
+                     "created": int(created), "model": model}
+
+    def _chunk(self, seq: int, delta: dict[str, Any], finish: str | None = None) -> str:
+        if seq == 1:
+            delta = {"role": "assistant", **delta}
+        return self._frame(seq, {**self.base, "choices": [
+            {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]})
+
+    @staticmethod
+    def _frame(seq: int, payload: dict[str, Any] | str) -> str:
+        data = payload if isinstance(payload, str) else json.dumps(
+            payload, ensure_ascii=False, separators=(",", ":"))
+        return f"id: {seq}\n" + _data_line(data) + "\n"
+
+    def encode(self, event: Event) -> bytes:
+        seq, data = event.seq, event.data
+        match event.type:
+            case "token":
+                out = self._chunk(seq, {"content": event.text})
+            case "reasoning":
+                out = self._chunk(seq, {"reasoning_content": data.get("text", "")})
+            case "tool_call_delta":
+                call: dict[str, Any] = {"index": data.get("index", 0)}
+                if "id" in data:
+                    call["id"], call["type"] = data["id"], "function"
+                function = {k: data[k] for k in ("name", "arguments") if k in data}
+                if function:
+                    call["function"] = function
+                out = self._chunk(seq, {"tool_calls": [call]})
+            case "done":
+                out = self._chunk(seq, {}, str(data.get("finish_reason") or "stop"))
+                if isinstance(data.get("usage"), dict):
+                    out += self._frame(seq, {**self.base, "choices": [],
+                                             "usage": data["usage"]})
+                out += self._frame(seq, "[DONE]")
+            case "error" | "cancelled":
+                code = str(data.get("code") or _ERROR_TYPES.get(event.type, "error"))
+                message = str(data.get("message") or f"the generation was {event.type}")
+                out = self._frame(seq, {"error": {"message": message, "type": event.type,
+                                                  "code": code, "param": None}})
+                out += self._frame(seq, "[DONE]")
+            case "gap":
+                # A comment, without an id: an id-only frame is an event with empty data,
+                # which OpenAI's client would try to parse as JSON.
+                out = (f": entries {data.get('first_missing')}.."
+                       f"{data.get('last_missing')} are gone from the log\n\n")
+            case _:  # reasoning signatures, complete tool calls: no chunk of their own
+                out = ""
+        return out.encode()
+
+
+def completion(gid: str, model: str, created: float, events: Iterable[Event]
+               ) -> dict[str, Any]:
+    """The ``chat.completion`` object of a finished generation (its events in order)."""
+    text: list[str] = []
+    reasoning: list[str] = []
+    calls: list[dict[str, Any]] = []
+    finish: str | None = None
+    usage: dict[str, Any] | None = None
+    for event in events:
+        if event.type == "token":
+            text.append(event.text)
+        elif event.type == "reasoning":
+            reasoning.append(str(event.data.get("text", "")))
+        elif event.type == "tool_call":
+            calls.append({"id": event.data.get("id", ""), "type": "function", "function": {
+                "name": event.data.get("name", ""),
+                "arguments": event.data.get("arguments", "")}})
+        elif event.type == "done":
+            finish = str(event.data.get("finish_reason") or "stop")
+            if isinstance(event.data.get("usage"), dict):
+                usage = event.data["usage"]
+    message: dict[str, Any] = {"role": "assistant", "content": "".join(text) or None,
+                               "refusal": None}
+    if reasoning:
+        message["reasoning_content"] = "".join(reasoning)
+    if calls:
+        message["tool_calls"] = calls
+    return {
+        "id": f"chatcmpl-{gid}", "object": "chat.completion", "created": int(created),
+        "model": model,
+        "choices": [{"index": 0, "message": message, "logprobs": None,
+                     "finish_reason": finish or "stop"}],
+        "usage": usage,
+    }

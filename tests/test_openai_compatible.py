@@ -98,13 +98,17 @@ async def test_a_failed_generation_is_an_openai_error(client: openai.AsyncOpenAI
         )
     assert failed.value.status_code == 502
     assert failed.value.response.headers["x-stream-id"].startswith("g")
-    with pytest.raises(openai.APIError, match="simulated upstream failure"):
-        stream = await client.chat.completions.create(
-            model="sim-x", messages=[{"role": "user", "content": "hi"}], stream=True,
-            extra_body={"text": "a b c", "fail_after": 1, "tokens_per_second": 0},
-        )
+    stream = await client.chat.completions.create(
+        model="sim-x", messages=[{"role": "user", "content": "hi"}], stream=True,
+        extra_body={"text": "a b c", "fail_after": 1, "tokens_per_second": 0},
+    )
+
+    async def read_all() -> None:
         async for _ in stream:
             pass
+
+    with pytest.raises(openai.APIError, match="simulated upstream failure"):
+        await read_all()
 
 
 async def test_bad_requests_get_openai_errors(client: openai.AsyncOpenAI) -> None:

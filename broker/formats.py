@@ -25,6 +25,12 @@ _EXTRA_LINE_BREAKS = str.maketrans({"\u0085": "\\u0085", "\u2028": "\\u2028",
 
 
 class Encoder(Protocol):
+    headers: list[tuple[bytes, bytes]]  # response headers the format needs
+
+    def preamble(self) -> bytes:
+        """Frames to send before the first event."""
+        ...
+
     def encode(self, event: Event) -> bytes: ...
 
 
@@ -36,6 +42,11 @@ def _data_line(payload: str) -> str:
 
 class NativeFrames:
     """``id``, ``event`` (the entry type) and ``data`` (the entry's JSON) per event."""
+
+    headers: list[tuple[bytes, bytes]] = []
+
+    def preamble(self) -> bytes:
+        return b""
 
     def encode(self, event: Event) -> bytes:
         frame = event.sse_frame
@@ -64,9 +75,14 @@ class OpenAIChunks:
     chunk of their own (``tool_call``, ``reasoning_signature``) send nothing.
     """
 
+    headers: list[tuple[bytes, bytes]] = []
+
     def __init__(self, gid: str, model: str, created: float) -> None:
         self.base = {"id": f"chatcmpl-{gid}", "object": "chat.completion.chunk",
                      "created": int(created), "model": model}
+
+    def preamble(self) -> bytes:
+        return b""
 
     def _chunk(self, seq: int, delta: dict[str, Any], finish: str | None = None) -> str:
         if seq == 1:
@@ -114,6 +130,110 @@ class OpenAIChunks:
                        f"{data.get('last_missing')} are gone from the log\n\n")
             case _:  # reasoning signatures, complete tool calls: no chunk of their own
                 out = ""
+        return out.encode()
+
+
+def _frame(seq: int | None, part: dict[str, Any] | str) -> str:
+    data = part if isinstance(part, str) else json.dumps(
+        part, ensure_ascii=False, separators=(",", ":"))
+    return (f"id: {seq}\n" if seq is not None else "") + _data_line(data) + "\n"
+
+
+class AISDKParts:
+    """The Vercel AI SDK UI message stream (v1): ``start``, ``text-start/delta/end``,
+    ``reasoning-start/delta/end``, ``tool-input-start/delta/available``, ``finish``,
+    ``error``, ``[DONE]``; header ``x-vercel-ai-ui-message-stream: v1``.
+
+    The AI SDK refuses a delta or an end without its start, so this encoder keeps the open
+    parts of its one response.  A text run or a reasoning run is one part, named after the
+    entry that began it (``text-<seq>``).  After a resume, a run that began before the resume
+    point is a new part (its start is sent again under a new name); a tool call whose
+    start came before the resume point appears whole with its ``tool-input-available``.
+    A cancelled generation ends with ``finish`` (its ``messageMetadata`` says so).
+    """
+
+    headers = [(b"x-vercel-ai-ui-message-stream", b"v1")]
+
+    def __init__(self, gid: str, after: int) -> None:
+        self.gid = gid
+        self.after = after
+        self.text: str | None = None  # open text part
+        self.reasoning: str | None = None  # open reasoning part
+        self.tools: dict[int, tuple[str, str]] = {}  # index -> (toolCallId, toolName) started
+
+    def preamble(self) -> bytes:
+        # The message starts once; a resumed response continues it.
+        return _frame(None, {"type": "start", "messageId": self.gid}).encode() \
+            if self.after == 0 else b""
+
+    def _close(self, seq: int, keep: str = "") -> str:
+        out = ""
+        if self.text is not None and keep != "text":
+            out += _frame(seq, {"type": "text-end", "id": self.text})
+            self.text = None
+        if self.reasoning is not None and keep != "reasoning":
+            out += _frame(seq, {"type": "reasoning-end", "id": self.reasoning})
+            self.reasoning = None
+        return out
+
+    def encode(self, event: Event) -> bytes:
+        seq, data = event.seq, event.data
+        out = ""
+        match event.type:
+            case "token":
+                out = self._close(seq, keep="text")
+                if self.text is None:
+                    self.text = f"text-{seq}"
+                    out += _frame(seq, {"type": "text-start", "id": self.text})
+                out += _frame(seq, {"type": "text-delta", "id": self.text, "delta": event.text})
+            case "reasoning":
+                out = self._close(seq, keep="reasoning")
+                if self.reasoning is None:
+                    self.reasoning = f"reasoning-{seq}"
+                    out += _frame(seq, {"type": "reasoning-start", "id": self.reasoning})
+                out += _frame(seq, {"type": "reasoning-delta", "id": self.reasoning,
+                                    "delta": str(data.get("text", ""))})
+            case "tool_call_delta":
+                out = self._close(seq)  # a tool call ends the text or reasoning run
+                index = int(data.get("index", 0))
+                if index not in self.tools and "id" in data:
+                    self.tools[index] = (str(data["id"]), str(data.get("name", "")))
+                    out += _frame(seq, {"type": "tool-input-start", "toolCallId": data["id"],
+                                        "toolName": data.get("name", "")})
+                if index in self.tools and data.get("arguments"):
+                    out += _frame(seq, {"type": "tool-input-delta",
+                                        "toolCallId": self.tools[index][0],
+                                        "inputTextDelta": data["arguments"]})
+            case "tool_call":
+                out = self._close(seq)
+                index = int(data.get("index", 0))
+                call_id, name = str(data.get("id", "")), str(data.get("name", ""))
+                if index not in self.tools:
+                    out += _frame(seq, {"type": "tool-input-start", "toolCallId": call_id,
+                                        "toolName": name})
+                self.tools.pop(index, None)
+                arguments = str(data.get("arguments", ""))
+                try:
+                    parsed: Any = json.loads(arguments) if arguments else {}
+                except json.JSONDecodeError:
+                    parsed = arguments
+                out += _frame(seq, {"type": "tool-input-available", "toolCallId": call_id,
+                                    "toolName": name, "input": parsed})
+            case "done" | "cancelled":
+                out = self._close(seq)
+                finish: dict[str, Any] = {"type": "finish"}
+                if event.type == "cancelled":
+                    finish["messageMetadata"] = {"tokentee": {
+                        "status": "cancelled", "reason": data.get("reason")}}
+                out += _frame(seq, finish) + _frame(seq, "[DONE]")
+            case "error":
+                out = self._close(seq)
+                out += _frame(seq, {"type": "error", "errorText": str(
+                    data.get("message") or data.get("code") or "the generation failed")})
+                out += _frame(seq, "[DONE]")
+            case "gap":
+                out = (f": entries {data.get('first_missing')}.."
+                       f"{data.get('last_missing')} are gone from the log\n\n")
         return out.encode()
 
 

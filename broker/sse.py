@@ -83,7 +83,7 @@ class EventStreamResponse(Response):
     ) -> None:
         super().__init__(status_code=200, media_type="text/event-stream")
         self.encoder = encoder
-        self.extra_headers = headers or []
+        self.extra_headers = [*encoder.headers, *(headers or [])]
         self.cursor = cursor
         self.release = release
         self.heartbeat = heartbeat
@@ -96,7 +96,7 @@ class EventStreamResponse(Response):
                         "headers": SSE_HEADERS + self.extra_headers})
             # A comment right away: proxies and Starlette-style middlewares hold the headers
             # back until the first body chunk, and the client learns it is connected.
-            await self._send(send, comment("tokentee stream"))
+            await self._send(send, comment("tokentee stream") + self.encoder.preamble())
             stream = asyncio.create_task(self._stream(send), name="sse-stream")
             disconnect = asyncio.create_task(_wait_disconnect(receive), name="sse-disconnect")
             shutdown = asyncio.create_task(self.shutdown.wait(), name="sse-shutdown")

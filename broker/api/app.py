@@ -33,7 +33,7 @@ from broker.errors import (
     ShuttingDown,
     UnknownProvider,
 )
-from broker.formats import NATIVE, Encoder, OpenAIChunks, completion
+from broker.formats import NATIVE, AISDKParts, Encoder, OpenAIChunks, completion
 from broker.keys import is_generation_id
 from broker.log import GenerationMeta
 from broker.providers.base import GenerationRequest
@@ -174,11 +174,12 @@ def create_app(
         request: Request,
         after: Annotated[str | None, Query(max_length=64)] = None,
         last_event_id: Annotated[str | None, Header(max_length=64)] = None,
-        format: Annotated[Literal["native", "openai"], Query()] = "native",
+        format: Annotated[Literal["native", "openai", "ai-sdk"], Query()] = "native",
     ) -> Response:
         """Every event after the resume point.  ``Last-Event-ID`` (what a reconnecting
         EventSource sends) wins over ``after``.  ``format=openai`` sends OpenAI
-        ``chat.completion.chunk`` objects instead of tokentee's events."""
+        ``chat.completion.chunk`` objects instead of tokentee's events, ``format=ai-sdk``
+        the Vercel AI SDK UI message stream."""
         check_id(gid)  # before the resume id: an unknown stream is 404 whatever the header
         try:
             resume = parse_resume_id(last_event_id or after) or 0
@@ -189,6 +190,8 @@ def create_app(
         if format == "openai":
             meta = (await b.state(gid)).meta
             encoder = OpenAIChunks(gid, meta.model, meta.created)
+        elif format == "ai-sdk":
+            encoder = AISDKParts(gid, resume)
         return await relay(b, gid, resume, request, encoder)
 
     async def relay(b: Broker, gid: str, resume: int, request: Request, encoder: Encoder,

@@ -92,7 +92,7 @@ ProviderEvent = (
 # --- log entries -------------------------------------------------------------------------
 
 EventType = Literal[
-    "token", "reasoning", "reasoning_signature", "tool_call_delta", "tool_call", "done",
+    "token", "reasoning", "reasoning_signature", "tool_call_delta", "tool_call", "snapshot", "done",
     "error", "cancelled", "gap",
 ]
 TERMINAL_TYPES: frozenset[str] = frozenset({"done", "error", "cancelled"})

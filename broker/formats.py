@@ -101,6 +101,10 @@ class OpenAIChunks:
         match event.type:
             case "token":
                 out = self._chunk(seq, {"content": event.text})
+            case "snapshot":  # the text so far, as the stream's first chunk
+                out = self._frame(seq, {**self.base, "choices": [{
+                    "index": 0, "delta": {"role": "assistant", "content": event.text},
+                    "logprobs": None, "finish_reason": None}]})
             case "reasoning":
                 out = self._chunk(seq, {"reasoning_content": data.get("text", "")})
             case "tool_call_delta":
@@ -180,7 +184,7 @@ class AISDKParts:
         seq, data = event.seq, event.data
         out = ""
         match event.type:
-            case "token":
+            case "token" | "snapshot":
                 out = self._close(seq, keep="text")
                 if self.text is None:
                     self.text = f"text-{seq}"

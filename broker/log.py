@@ -370,6 +370,18 @@ class GenerationLog:
             extra={k: v for k, v in d.items() if k not in known},
         )
 
+    async def snapshot(self, gid: str) -> tuple[str, int, str] | None:
+        """``(text, last_seq, status)`` read together (one transaction: the append script
+        writes the text and ``last_seq`` together), or ``None`` for an unknown generation."""
+        keys = self.keys(gid)
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.get(keys.text)
+            pipe.hmget(keys.meta, ["last_seq", "status"])
+            text, (last_seq, status) = await pipe.execute()
+        if status is None:
+            return None
+        return (text or b"").decode(), int(last_seq or 0), status.decode()
+
     async def text(self, gid: str) -> str:
         raw = cast(bytes | None, await self.redis.get(self.keys(gid).text))
         return raw.decode() if raw else ""

@@ -143,6 +143,19 @@ class Broker:
             raise GenerationNotFound(gid)
         return GenerationState(meta=meta, text=await self.log.text(gid))
 
+    async def snapshot(self, gid: str) -> Event:
+        """The text so far as one ``snapshot`` event, for a late joiner: its ``seq`` is the
+        last entry it covers, so ``events(gid, after=snapshot.seq)`` is the rest.  If the
+        generation has ended, the terminal entry is left to that rest.  Raises
+        ``GenerationNotFound``."""
+        _check_id(gid)
+        found = await self.log.snapshot(gid)
+        if found is None:
+            raise GenerationNotFound(gid)
+        text, last_seq, status = found
+        seq = last_seq - 1 if status != "running" and last_seq > 0 else last_seq
+        return Event(seq=seq, type="snapshot", data={"text": text})
+
     def subscribe(
         self, gid: str, after: int = 0
     ) -> contextlib.AbstractAsyncContextManager[Cursor]:

@@ -79,10 +79,11 @@ class EventStreamResponse(Response):
     def __init__(
         self, cursor: Cursor, release: contextlib.AsyncExitStack, *, heartbeat: float,
         send_timeout: float, shutdown: asyncio.Event, encoder: Encoder = NATIVE,
-        headers: list[tuple[bytes, bytes]] | None = None,
+        headers: list[tuple[bytes, bytes]] | None = None, lead: Event | None = None,
     ) -> None:
         super().__init__(status_code=200, media_type="text/event-stream")
         self.encoder = encoder
+        self.lead = lead  # sent before the cursor's events (a snapshot)
         self.extra_headers = [*encoder.headers, *(headers or [])]
         self.cursor = cursor
         self.release = release
@@ -96,7 +97,10 @@ class EventStreamResponse(Response):
                         "headers": SSE_HEADERS + self.extra_headers})
             # A comment right away: proxies and Starlette-style middlewares hold the headers
             # back until the first body chunk, and the client learns it is connected.
-            await self._send(send, comment("tokentee stream") + self.encoder.preamble())
+            first = comment("tokentee stream") + self.encoder.preamble()
+            if self.lead is not None:
+                first += self.encoder.encode(self.lead)
+            await self._send(send, first)
             stream = asyncio.create_task(self._stream(send), name="sse-stream")
             disconnect = asyncio.create_task(_wait_disconnect(receive), name="sse-disconnect")
             shutdown = asyncio.create_task(self.shutdown.wait(), name="sse-shutdown")

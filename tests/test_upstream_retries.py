@@ -126,3 +126,31 @@ def test_retry_after_http_date() -> None:
     value = retry_after({"retry-after": when})
     assert value is not None
     assert 25 <= value <= 31
+
+
+async def test_a_one_byte_drip_cannot_hold_a_generation_forever(redis_url: str) -> None:
+    """Each byte resets the read timeout, so only the total deadline ends it."""
+    import asyncio
+
+    from broker.providers.base import GenerationRequest
+    from broker.service import Broker
+    from tests.conftest import make_settings
+    from tests.test_openai_provider import FakeUpstream
+
+    async def drip(conn: Conn) -> None:
+        await conn.head()
+        await conn.chunk(sse(ROLE, content("a")))
+        while True:  # a comment line, one byte at a time, forever
+            await conn.chunk(b":")
+            await asyncio.sleep(0.1)
+
+    async with FakeUpstream(drip) as upstream:
+        settings = make_settings(redis_url, openai_base_url=upstream.base_url,
+                                 upstream_read_timeout=1.0, max_generation_seconds=1.5,
+                                 upstream_retries=0)
+        async with Broker.open(settings) as broker:
+            info = await broker.start(GenerationRequest([{"role": "user", "content": "x"}]),
+                                      "openai")
+            events = [e async for e in broker.events(info.id)]
+    assert [e.type for e in events] == ["token", "error"]
+    assert events[-1].data["code"] == "deadline_exceeded"

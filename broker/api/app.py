@@ -33,6 +33,7 @@ from broker.errors import (
     ShuttingDown,
     UnknownProvider,
 )
+from broker.events import Event
 from broker.formats import NATIVE, AISDKParts, Encoder, OpenAIChunks, completion
 from broker.keys import is_generation_id
 from broker.log import GenerationMeta
@@ -175,11 +176,13 @@ def create_app(
         after: Annotated[str | None, Query(max_length=64)] = None,
         last_event_id: Annotated[str | None, Header(max_length=64)] = None,
         format: Annotated[Literal["native", "openai", "ai-sdk"], Query()] = "native",
+        snapshot: bool = False,
     ) -> Response:
         """Every event after the resume point.  ``Last-Event-ID`` (what a reconnecting
         EventSource sends) wins over ``after``.  ``format=openai`` sends OpenAI
         ``chat.completion.chunk`` objects instead of tokentee's events, ``format=ai-sdk``
-        the Vercel AI SDK UI message stream."""
+        the Vercel AI SDK UI message stream.  ``snapshot=true`` (without a resume point)
+        starts with the text so far as one ``snapshot`` event, then the live tail."""
         check_id(gid)  # before the resume id: an unknown stream is 404 whatever the header
         try:
             resume = parse_resume_id(last_event_id or after) or 0
@@ -192,10 +195,15 @@ def create_app(
             encoder = OpenAIChunks(gid, meta.model, meta.created)
         elif format == "ai-sdk":
             encoder = AISDKParts(gid, resume)
-        return await relay(b, gid, resume, request, encoder)
+        lead = None
+        if snapshot and not resume:
+            lead = await b.snapshot(gid)
+            resume = lead.seq
+        return await relay(b, gid, resume, request, encoder, lead=lead)
 
     async def relay(b: Broker, gid: str, resume: int, request: Request, encoder: Encoder,
-                    headers: list[tuple[bytes, bytes]] | None = None) -> Response:
+                    headers: list[tuple[bytes, bytes]] | None = None,
+                    lead: Event | None = None) -> Response:
         release = contextlib.AsyncExitStack()
         try:
             cursor = await release.enter_async_context(b.subscribe(gid, resume))
@@ -212,7 +220,7 @@ def create_app(
         return EventStreamResponse(
             cursor, release, heartbeat=settings.heartbeat_seconds,
             send_timeout=settings.send_timeout_seconds, shutdown=request.app.state.shutdown,
-            encoder=encoder, headers=headers,
+            encoder=encoder, headers=headers, lead=lead,
         )
 
     @app.post("/v1/chat/completions", response_model=None)

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 # id can be a hash tag and a path segment without escaping.  Parsing accepts the same
 # alphabet from user input and nothing else.
 GENERATION_ID_RE = re.compile(r"[A-Za-z0-9_-]{8,64}")
+# Channel names: a conversation or an agent run that groups generations.
+CHANNEL_RE = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
 # Consumer type names become consumer group names and key segments.
 CONSUMER_TYPE_RE = re.compile(r"[a-z][a-z0-9_-]{0,31}")
 
@@ -26,6 +28,10 @@ def new_generation_id() -> str:
 
 def is_generation_id(value: str) -> bool:
     return bool(GENERATION_ID_RE.fullmatch(value))
+
+
+def is_channel(value: str) -> bool:
+    return bool(CHANNEL_RE.fullmatch(value))
 
 
 def is_consumer_type(value: str) -> bool:
@@ -128,6 +134,10 @@ class Keyspace:
     def totals_applied(self, ctype: str) -> str:
         """Sorted set (same slot as ``totals``): generations already added, by time."""
         return f"{self.prefix}:{{consumers:{ctype}}}:applied"
+
+    def channel(self, name: str) -> str:
+        """Stream: one entry per generation started in channel ``name``."""
+        return f"{self.prefix}:chan:{name}"
 
     def idempotency(self, key: str) -> str:
         """String: the generation an ``Idempotency-Key`` started (hashed: any key is a safe

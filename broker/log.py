@@ -223,6 +223,7 @@ class GenerationLog:
     async def create(
         self, gid: str, *, provider: str, model: str, owner: str, lease_ms: int,
         ttl_seconds: int, extra: dict[str, str] | None = None, created: float | None = None,
+        channel: str | None = None,
     ) -> float:
         """Create the generation's metadata, take its lease, announce it on the catalog.
 
@@ -236,6 +237,8 @@ class GenerationLog:
             "id": gid, "status": "running", "provider": provider, "model": model,
             "created": f"{created:.6f}", "last_seq": "0", **(extra or {}),
         }
+        if channel is not None:
+            fields["channel"] = channel
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.hset(keys.meta, mapping=fields)  # type: ignore[arg-type]
             pipe.expire(keys.meta, ttl_seconds)
@@ -248,6 +251,13 @@ class GenerationLog:
             {"id": gid, "provider": provider, "model": model, "created": f"{created:.6f}"},
             maxlen=self.catalog_maxlen, approximate=True,
         )
+        if channel is not None:
+            # The channel lives as long as its newest generation could.
+            async with self.redis.pipeline(transaction=False) as pipe:
+                pipe.xadd(self.keyspace.channel(channel), {"id": gid, "model": model},
+                          maxlen=self.catalog_maxlen, approximate=True)
+                pipe.expire(self.keyspace.channel(channel), ttl_seconds)
+                await pipe.execute()
         return created
 
     async def append(
@@ -355,7 +365,7 @@ class GenerationLog:
             return None
         d = {k.decode(): v.decode() for k, v in raw.items()}
         known = {"id", "status", "provider", "model", "created", "last_seq", "finished",
-                 "finish_reason", "cancel", "hold"}
+                 "finish_reason", "cancel", "hold", "channel"}
         status = d.get("status", "running")
         return GenerationMeta(
             id=d.get("id", gid),

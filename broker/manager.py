@@ -91,7 +91,7 @@ class GenerationManager:
 
     async def start(
         self, request: GenerationRequest, provider_name: str | None = None, *,
-        idempotency_key: str | None = None,
+        idempotency_key: str | None = None, channel: str | None = None,
     ) -> GenerationInfo:
         """Validate, create and start a generation; return once it is in the log.
 
@@ -103,6 +103,9 @@ class GenerationManager:
         every later one, from any broker process, gets the same generation back
         (``replayed``) without a second upstream call, for as long as the generation is
         kept.  The same key with a different request raises ``IdempotencyConflict``.
+
+        With ``channel``, the generation is also announced on that channel, whose followers
+        get the events of every generation started in it.
         """
         if self._closing:
             raise ShuttingDown("this broker process is shutting down")
@@ -116,7 +119,7 @@ class GenerationManager:
         if idempotency_key is not None:
             reservation = json.dumps({
                 "id": gid, "provider": name, "model": model, "created": created,
-                "request": _fingerprint(name, request),
+                "request": _fingerprint(name, request, channel),
             })
             earlier = await self._reserve(idempotency_key, reservation, ttl)
             if earlier is not None:
@@ -125,6 +128,7 @@ class GenerationManager:
             await self.log.create(
                 gid, provider=name, model=model, owner=self.owner,
                 lease_ms=self.settings.lease_ms, ttl_seconds=ttl, created=created,
+                channel=channel,
             )
             if self._closing:
                 # aclose() began while we created it: it would not see this producer.  End
@@ -279,8 +283,8 @@ def _cancel(producer: Producer, task: asyncio.Task[None], reason: str) -> bool:
     return True
 
 
-def _fingerprint(provider: str, request: GenerationRequest) -> str:
+def _fingerprint(provider: str, request: GenerationRequest, channel: str | None) -> str:
     """What makes two requests "the same" for an Idempotency-Key."""
-    body = json.dumps([provider, request.model, request.messages, request.params],
+    body = json.dumps([provider, request.model, request.messages, request.params, channel],
                       sort_keys=True, default=str)
     return hashlib.sha256(body.encode()).hexdigest()

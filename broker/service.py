@@ -21,12 +21,13 @@ from typing import Any, cast
 import redis.asyncio as aioredis
 
 from broker.backpressure import ConsumerGate
+from broker.channels import ChannelEvent, ChannelPosition, follow_channel
 from broker.connections import blocking_client, command_client
 from broker.embedded import embedded_redis
 from broker.errors import GenerationNotFound
 from broker.events import Event
 from broker.hub import Cursor, Hub
-from broker.keys import entry_id, is_generation_id, seq_of
+from broker.keys import entry_id, is_channel, is_generation_id, seq_of
 from broker.log import GenerationLog, GenerationMeta, XReadReply
 from broker.manager import GenerationInfo, GenerationManager
 from broker.providers import ProviderRegistry
@@ -115,11 +116,29 @@ class Broker:
 
     async def start(
         self, request: GenerationRequest, provider: str | None = None, *,
-        idempotency_key: str | None = None,
+        idempotency_key: str | None = None, channel: str | None = None,
     ) -> GenerationInfo:
         """Start a generation in this process (see :meth:`GenerationManager.start`), or,
-        with an ``idempotency_key`` used before, return that key's generation."""
-        return await self.manager.start(request, provider, idempotency_key=idempotency_key)
+        with an ``idempotency_key`` used before, return that key's generation.  With
+        ``channel``, followers of that channel (:meth:`channel`) get its events too.
+        Raises ``ValueError`` for a malformed channel name."""
+        if channel is not None and not is_channel(channel):
+            raise ValueError("a channel name is 1-128 characters of [A-Za-z0-9_.:-]")
+        return await self.manager.start(request, provider, idempotency_key=idempotency_key,
+                                        channel=channel)
+
+    async def channel(self, name: str, after: str | None = None
+                      ) -> AsyncIterator[ChannelEvent]:
+        """Every event of every generation started in channel ``name``, tagged with its
+        generation, in arrival order, forever; ``after``: a ``position`` of an earlier
+        :class:`ChannelEvent`, to resume with nothing lost or repeated (default: from the
+        channel's first generation).  Raises ``InvalidResumePoint`` for a malformed
+        position and ``ValueError`` for a malformed name."""
+        if not is_channel(name):
+            raise ValueError("a channel name is 1-128 characters of [A-Za-z0-9_.:-]")
+        position = ChannelPosition.parse(after) if after else None
+        async for item in follow_channel(self, name, position):
+            yield item
 
     async def cancel(self, gid: str, reason: str = "requested") -> str:
         """Cancel ``gid`` wherever its producer runs.  Returns the status after the request

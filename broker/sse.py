@@ -13,6 +13,8 @@ import asyncio
 import contextlib
 import logging
 import re
+from collections.abc import Awaitable
+from typing import Protocol
 
 from redis.exceptions import RedisError
 from starlette.responses import Response
@@ -20,7 +22,6 @@ from starlette.types import Receive, Scope, Send
 
 from broker.events import Event
 from broker.formats import NATIVE, Encoder
-from broker.hub import Cursor
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +61,22 @@ def comment(text: str) -> bytes:
     return f": {text.replace(chr(13), ' ').replace(chr(10), ' ')}\n\n".encode()
 
 
+class EventSource(Protocol):
+    """What the response streams: a hub :class:`Cursor`, or a channel follower."""
+
+    @property
+    def gid(self) -> str: ...
+
+    @property
+    def finished(self) -> bool: ...
+
+    def __anext__(self) -> Awaitable[Event]:
+        """The next event; cancelling the wait loses nothing."""
+        ...
+
+    def ready(self, limit: int = 1_000) -> list[Event]: ...
+
+
 class EventStreamResponse(Response):
     """Streams a cursor to one client as ``text/event-stream``.
 
@@ -77,7 +94,7 @@ class EventStreamResponse(Response):
     """
 
     def __init__(
-        self, cursor: Cursor, release: contextlib.AsyncExitStack, *, heartbeat: float,
+        self, cursor: EventSource, release: contextlib.AsyncExitStack, *, heartbeat: float,
         send_timeout: float, shutdown: asyncio.Event, encoder: Encoder = NATIVE,
         headers: list[tuple[bytes, bytes]] | None = None, lead: Event | None = None,
     ) -> None:

@@ -25,6 +25,7 @@ from broker.api.schemas import (
     StreamStats,
     StreamStatus,
 )
+from broker.channels import ChannelCursor, ChannelPosition, follow_channel
 from broker.errors import (
     GenerationNotFound,
     IdempotencyConflict,
@@ -35,7 +36,7 @@ from broker.errors import (
 )
 from broker.events import Event
 from broker.formats import NATIVE, AISDKParts, Encoder, OpenAIChunks, completion
-from broker.keys import is_generation_id
+from broker.keys import is_channel, is_generation_id
 from broker.log import GenerationMeta
 from broker.providers.base import GenerationRequest
 from broker.service import Broker
@@ -117,7 +118,8 @@ def create_app(
             messages=body.message_dicts(), model=body.model, params=body.params
         )
         try:
-            info = await b.start(gen_request, body.provider, idempotency_key=idempotency_key)
+            info = await b.start(gen_request, body.provider, idempotency_key=idempotency_key,
+                                 channel=body.channel)
         except UnknownProvider as exc:
             raise _unprocessable("provider", str(exc)) from exc
         except ProviderConfigError as exc:
@@ -221,6 +223,32 @@ def create_app(
             cursor, release, heartbeat=settings.heartbeat_seconds,
             send_timeout=settings.send_timeout_seconds, shutdown=request.app.state.shutdown,
             encoder=encoder, headers=headers, lead=lead,
+        )
+
+    @app.get("/v1/channels/{name}/events", response_class=Response, response_model=None)
+    async def channel_events(
+        name: str, request: Request,
+        after: Annotated[str | None, Query(max_length=4096)] = None,
+        last_event_id: Annotated[str | None, Header(max_length=4096)] = None,
+    ) -> Response:
+        """Every event of every generation started in channel ``name``, each with its
+        ``generation`` in its data, in arrival order, until the client leaves.  The ``id``
+        of each event is a channel position: ``Last-Event-ID`` (or ``after``) resumes with
+        nothing lost or repeated."""
+        if not is_channel(name):
+            raise HTTPException(404, f"not a channel name: {name!r}")
+        point = last_event_id or after
+        try:
+            position = ChannelPosition.parse(point) if point else None
+        except InvalidResumePoint as exc:
+            raise HTTPException(400, str(exc)) from exc
+        b = get_broker(request)
+        cursor = ChannelCursor(name, follow_channel(b, name, position))
+        release = contextlib.AsyncExitStack()
+        release.push_async_callback(cursor.aclose)
+        return EventStreamResponse(
+            cursor, release, heartbeat=settings.heartbeat_seconds,
+            send_timeout=settings.send_timeout_seconds, shutdown=request.app.state.shutdown,
         )
 
     @app.post("/v1/chat/completions", response_model=None)

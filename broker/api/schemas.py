@@ -24,6 +24,8 @@ class CreateStream(BaseModel):
     provider: str | None = Field(default=None, min_length=1, max_length=64)
     model: str | None = Field(default=None, min_length=1, max_length=256)
     params: dict[str, Any] = Field(default_factory=dict)
+    channel: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_.:-]{1,128}$",
+                                description="announce the generation on this channel")
 
     @model_validator(mode="after")
     def _one_input(self) -> CreateStream:

@@ -1,0 +1,194 @@
+"""Channels: following every generation of a conversation or an agent run as one stream.
+
+A generation started with a ``channel`` is announced on that channel's stream
+(``<prefix>:chan:<name>``).  A follower reads the announcements with a blocking ``XREAD`` and
+subscribes to each generation through the hub, merging their events in arrival order, each
+tagged with its generation.
+
+Resuming needs more than one number, because several generations run at once.  A
+:class:`ChannelPosition` holds the last announcement taken in and, for every generation
+announced up to there that has not ended yet, the last event delivered.  Its text form
+(``<announcement id>~<generation>.<seq>~...``) is the SSE ``id`` of every event, so a
+reconnecting client resumes with ``Last-Event-ID`` and gets exactly what it missed: the rest
+of each unfinished generation, and every generation announced after.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, cast
+
+from redis.exceptions import RedisError
+
+from broker.connections import blocking_client, raise_if_cancelled
+from broker.errors import GenerationNotFound, InvalidResumePoint
+from broker.events import Event
+from broker.keys import is_generation_id
+from broker.log import XReadReply
+
+if TYPE_CHECKING:
+    from broker.service import Broker
+
+logger = logging.getLogger(__name__)
+
+_ENTRY_ID_RE = re.compile(r"[0-9]{1,20}-[0-9]{1,20}")
+_MAX_LIVE = 64  # generations a position may name (a token must fit in a header)
+
+
+@dataclass
+class ChannelPosition:
+    """Where a channel follower is (see the module docstring)."""
+
+    announced: str = "0-0"
+    live: dict[str, int] = field(default_factory=dict)
+
+    def encode(self) -> str:
+        return "~".join([self.announced, *(f"{gid}.{seq}" for gid, seq in self.live.items())])
+
+    @classmethod
+    def parse(cls, text: str) -> ChannelPosition:
+        """Raises ``InvalidResumePoint`` for anything :meth:`encode` does not make."""
+        first, *rest = text.split("~")
+        if not _ENTRY_ID_RE.fullmatch(first) or len(rest) > _MAX_LIVE:
+            raise InvalidResumePoint("not a channel position")
+        live: dict[str, int] = {}
+        for item in rest:
+            gid, _, seq = item.rpartition(".")
+            if not is_generation_id(gid) or not seq.isdigit() or len(seq) > 18:
+                raise InvalidResumePoint("not a channel position")
+            live[gid] = int(seq)
+        return cls(first, live)
+
+
+@dataclass(frozen=True, slots=True)
+class ChannelEvent:
+    """One event of one generation of a channel, and the position right after it."""
+
+    generation: str
+    event: Event
+    position: str
+
+
+async def follow_channel(
+    broker: Broker, channel: str, position: ChannelPosition | None = None,
+) -> AsyncIterator[ChannelEvent]:
+    """Every event of every generation of ``channel`` after ``position`` (default: from the
+    channel's first generation), forever.  Holds one dedicated Redis connection for the
+    announcements; the generations are read through the hub.  Stop by breaking out of the
+    loop or cancelling: every task it started is cancelled and awaited."""
+    position = position or ChannelPosition()
+    key = broker.log.keyspace.channel(channel)
+    # Items: ("gen", gid, event) from a generation, ("ann", entry id, gid) an announcement,
+    # ("gone", gid, None) a generation that no longer exists.  Bounded: a slow reader
+    # holds the pumps back, and they read the log at their own pace later.
+    queue: asyncio.Queue[tuple[str, str, Event | str | None]] = asyncio.Queue(256)
+    pumps: dict[str, asyncio.Task[None]] = {}
+
+    async def pump(gid: str, after: int) -> None:
+        try:
+            async with broker.subscribe(gid, after) as cursor:
+                async for event in cursor:
+                    await queue.put(("gen", gid, event))
+        except (GenerationNotFound, InvalidResumePoint):
+            await queue.put(("gone", gid, None))
+
+    async def announcements(last: str) -> None:
+        client = blocking_client(broker.url, broker.settings, "channel")
+        try:
+            while True:
+                raise_if_cancelled()
+                try:
+                    reply = cast(XReadReply, await client.xread(
+                        {key: last}, block=broker.settings.block_ms, count=100))
+                except RedisError as exc:
+                    logger.warning("channel %s: announcement read failed (%s); retrying",
+                                   channel, exc)
+                    await asyncio.sleep(0.5)  # back off before reconnecting, not a poll
+                    continue
+                for _key, entries in reply or []:
+                    for entry_id, fields in entries:
+                        last = entry_id.decode()
+                        gid = fields.get(b"id", b"").decode("utf-8", "replace")
+                        await queue.put(("ann", last, gid))
+        finally:
+            await client.aclose()
+
+    def start(gid: str, after: int) -> None:
+        task = asyncio.create_task(pump(gid, after), name=f"tokentee-channel-{gid}")
+        pumps[gid] = task
+        task.add_done_callback(lambda _t, gid=gid: pumps.pop(gid, None))  # type: ignore[misc]
+
+    for gid, seq in position.live.items():
+        start(gid, seq)
+    reader = asyncio.create_task(announcements(position.announced), name="tokentee-channel")
+    try:
+        while True:
+            kind, name, item = await queue.get()
+            if kind == "ann":
+                position.announced = name
+                gid = cast(str, item)
+                if is_generation_id(gid) and gid not in position.live:
+                    position.live[gid] = 0
+                    start(gid, 0)
+            elif kind == "gone":
+                position.live.pop(name, None)
+            else:
+                event = cast(Event, item)
+                if event.terminal:
+                    position.live.pop(name, None)
+                else:
+                    position.live[name] = event.seq
+                yield ChannelEvent(name, event, position.encode())
+    finally:
+        tasks = [reader, *pumps.values()]
+        for task in tasks:
+            task.cancel()
+        with contextlib.suppress(Exception):
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+
+class ChannelCursor:
+    """A channel follower in the shape :class:`broker.sse.EventStreamResponse` drives (a
+    cancel-safe ``__anext__``, ``ready``, ``finished``, ``gid``).  Each event's SSE frame is
+    built here: ``id`` is the channel position after it, ``data`` the event's data with its
+    ``generation``."""
+
+    finished = False  # a channel has no end
+
+    def __init__(self, name: str, follower: AsyncIterator[ChannelEvent]) -> None:
+        self.gid = f"channel {name}"
+        self._follower = follower
+        self._next: asyncio.Future[ChannelEvent] | None = None
+
+    def __aiter__(self) -> ChannelCursor:
+        return self
+
+    async def __anext__(self) -> Event:
+        if self._next is None:
+            self._next = asyncio.ensure_future(anext(self._follower))
+        # Shielded: a cancelled wait (the response's heartbeat timeout) leaves the read
+        # running for the next call, instead of cancelling the follower.
+        item = await asyncio.shield(self._next)
+        self._next = None
+        data = {"generation": item.generation, **item.event.data}
+        event = Event(seq=item.event.seq, type=item.event.type, data=data, ts=item.event.ts)
+        frame = (f"id: {item.position}\nevent: {event.type}\n"
+                 f"data: {event.json_data()}\n\n").encode()
+        object.__setattr__(event, "sse_frame", frame)  # what NativeFrames sends
+        return event
+
+    def ready(self, limit: int = 1_000) -> list[Event]:
+        return []
+
+    async def aclose(self) -> None:
+        if self._next is not None:
+            self._next.cancel()
+            await asyncio.gather(self._next, return_exceptions=True)
+        aclose = getattr(self._follower, "aclose", None)
+        if aclose is not None:
+            await aclose()

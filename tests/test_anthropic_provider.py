@@ -204,3 +204,62 @@ def test_bad_requests_are_refused_before_any_call(request_: GenerationRequest,
     provider = AnthropicProvider(Settings(anthropic_api_key=KEY))
     with pytest.raises(ProviderConfigError, match=match):
         provider.validate(request_)
+
+
+@pytest.mark.parametrize("provider", ["anthropic", "openai"])
+async def test_keys_never_reach_logs_events_or_redis(
+    redis_url: str, provider: str, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """An upstream that echoes the key back, in an error body and in a stream error."""
+    import logging
+
+    import redis.asyncio as aioredis
+
+    caplog.set_level(logging.DEBUG)
+
+    async def echo_401(conn: Conn) -> None:
+        payload = json.dumps({"error": {"type": "authentication_error",
+                                        "message": f"invalid x-api-key {KEY}"}}).encode()
+        await conn.head(status=401, content_type="application/json", chunked=False,
+                        extra=f"Content-Length: {len(payload)}\r\n")
+        await conn.raw(payload)
+
+    async def echo_in_stream(conn: Conn) -> None:
+        await conn.head()
+        if provider == "anthropic":
+            await conn.chunk(START + event("error", error={"type": f"bad {KEY}",
+                                                           "message": f"key {KEY} revoked"}))
+        else:
+            await conn.chunk(b'data: {"error": {"code": "' + KEY.encode()
+                             + b'", "message": "key ' + KEY.encode() + b' revoked"}}\n\n')
+        await conn.end()
+
+    for script in (echo_401, echo_in_stream):
+        async with FakeUpstream(script) as upstream:
+            base = upstream.base_url
+            s = make_settings(
+                redis_url, upstream_retries=0,
+                anthropic_base_url=base.removesuffix("/v1/"), anthropic_api_key=KEY,
+                openai_base_url=base, openai_api_key=KEY,
+            )
+            async with Broker.open(s) as broker:
+                info = await broker.start(GenerationRequest(MESSAGES), provider)
+                events = [e async for e in broker.events(info.id)]
+                assert events[-1].type == "error"
+                assert KEY not in json.dumps(events[-1].data)
+                client = aioredis.from_url(redis_url)
+                try:
+                    async for key in client.scan_iter(match=f"{s.key_prefix}:*"):
+                        kind = (await client.type(key)).decode()
+                        if kind == "stream":
+                            dump = repr(await client.xrange(key))
+                        elif kind == "hash":
+                            dump = repr(await client.hgetall(key))
+                        elif kind == "string":
+                            dump = repr(await client.get(key))
+                        else:
+                            continue
+                        assert KEY not in dump, key
+                finally:
+                    await client.aclose()
+    assert KEY not in caplog.text

@@ -76,18 +76,8 @@ class AnthropicProvider(HttpSseProvider):
         """Raises :class:`ProviderConfigError` for an unusable base URL or key, a parameter
         outside :data:`ALLOWED_PARAMS`, or a message role Messages has no place for."""
         self._check_url_and_key(self._url, "anthropic_api_key")
-        reserved = sorted(_RESERVED_PARAMS.intersection(request.params))
-        if reserved:
-            raise ProviderConfigError(
-                f"parameters {reserved} are set by the broker (system prompts go in"
-                " 'system' messages)"
-            )
-        unknown = sorted(set(request.params) - ALLOWED_PARAMS)
-        if unknown:
-            raise ProviderConfigError(
-                f"unknown parameters for provider 'anthropic': {unknown}; "
-                f"allowed: {sorted(ALLOWED_PARAMS)}"
-            )
+        self._check_params(request, ALLOWED_PARAMS, _RESERVED_PARAMS,
+                           " (system prompts go in 'system' messages)")
         for message in request.messages:
             if message.get("role") not in ("system", "developer", "user", "assistant"):
                 raise ProviderConfigError(

@@ -99,6 +99,22 @@ class HttpSseProvider:
                 f"{key_setting} contains characters not allowed in an HTTP header"
             )
 
+    def _check_params(self, request: GenerationRequest, allowed: frozenset[str],
+                      reserved: frozenset[str], reserved_hint: str = "") -> None:
+        """Refuse parameters the broker sets itself and parameters outside ``allowed``."""
+        taken = sorted(reserved.intersection(request.params))
+        if taken:
+            raise ProviderConfigError(
+                f"parameters {taken} are set by the broker and cannot be overridden"
+                + reserved_hint
+            )
+        unknown = sorted(set(request.params) - allowed - reserved)
+        if unknown:
+            raise ProviderConfigError(
+                f"unknown parameters for provider {self.name!r}: {unknown}; "
+                f"allowed: {sorted(allowed)}"
+            )
+
     def stream(self, request: GenerationRequest) -> AsyncIterator[ProviderEvent]:
         """One streaming call, retried (see :func:`with_retries`) while it fails before its
         first event; the events of the attempt that counts.

@@ -86,23 +86,13 @@ class OpenAIProvider(HttpSseProvider):
         never quoted), a parameter outside :data:`ALLOWED_PARAMS`, or ``n`` other than 1.
         """
         self._check_url_and_key(self._url, "openai_api_key")
-        reserved = sorted(_RESERVED_PARAMS.intersection(request.params))
-        if reserved:
-            raise ProviderConfigError(
-                f"parameters {reserved} are set by the broker and cannot be overridden"
-            )
         not_relayed = sorted(_NOT_RELAYED_PARAMS.intersection(request.params))
         if not_relayed:
             raise ProviderConfigError(
                 f"parameters {not_relayed} are the deprecated function-calling API: use"
                 " 'tools' and 'tool_choice'"
             )
-        unknown = sorted(set(request.params) - ALLOWED_PARAMS)
-        if unknown:
-            raise ProviderConfigError(
-                f"unknown parameters for provider 'openai': {unknown}; "
-                f"allowed: {sorted(ALLOWED_PARAMS)}"
-            )
+        self._check_params(request, ALLOWED_PARAMS, _RESERVED_PARAMS)
         n = request.params.get("n")
         # bool is an int subclass; ``"n": true`` is not a count.
         if n is not None and (isinstance(n, bool) or n != 1):

@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import logging
 import re
+from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, cast
@@ -88,14 +89,24 @@ async def follow_channel(
     # holds the pumps back, and they read the log at their own pace later.
     queue: asyncio.Queue[tuple[str, str, Event | str | None]] = asyncio.Queue(256)
     pumps: dict[str, asyncio.Task[None]] = {}
+    waiting: deque[tuple[str, str]] = deque()  # announcements not taken in yet
 
     async def pump(gid: str, after: int) -> None:
-        try:
-            async with broker.subscribe(gid, after) as cursor:
-                async for event in cursor:
-                    await queue.put(("gen", gid, event))
-        except (GenerationNotFound, InvalidResumePoint):
-            await queue.put(("gone", gid, None))
+        while True:
+            try:
+                async with broker.subscribe(gid, after) as cursor:
+                    async for event in cursor:
+                        await queue.put(("gen", gid, event))
+                        after = event.seq
+                return
+            except (GenerationNotFound, InvalidResumePoint):
+                await queue.put(("gone", gid, None))
+                return
+            except RedisError as exc:
+                # A failed log read: subscribe again from the last event handed on.
+                logger.warning("channel %s: reading %s failed (%s); retrying", channel,
+                               gid, exc)
+                await asyncio.sleep(0.5)
 
     async def announcements(last: str) -> None:
         client = blocking_client(broker.url, broker.settings, "channel")
@@ -130,11 +141,7 @@ async def follow_channel(
         while True:
             kind, name, item = await queue.get()
             if kind == "ann":
-                position.announced = name
-                gid = cast(str, item)
-                if is_generation_id(gid) and gid not in position.live:
-                    position.live[gid] = 0
-                    start(gid, 0)
+                waiting.append((name, cast(str, item)))
             elif kind == "gone":
                 position.live.pop(name, None)
             else:
@@ -143,7 +150,17 @@ async def follow_channel(
                     position.live.pop(name, None)
                 else:
                     position.live[name] = event.seq
-                yield ChannelEvent(name, event, position.encode())
+            # Take announcements in while fewer than _MAX_LIVE generations run, so that
+            # every position stays one that parse() accepts; the rest wait their turn (and
+            # a resumed follower reads them again after ``announced``).
+            while waiting and len(position.live) < _MAX_LIVE:
+                entry_id, gid = waiting.popleft()
+                position.announced = entry_id
+                if is_generation_id(gid) and gid not in position.live:
+                    position.live[gid] = 0
+                    start(gid, 0)
+            if kind == "gen":
+                yield ChannelEvent(name, cast(Event, item), position.encode())
     finally:
         tasks = [reader, *pumps.values()]
         for task in tasks:

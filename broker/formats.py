@@ -34,6 +34,28 @@ class Encoder(Protocol):
     def encode(self, event: Event) -> bytes: ...
 
 
+def _one_id(out: str, seq: int) -> bytes:
+    """Keep the ``id:`` only on the last frame an entry produced: a client cut off between
+    two frames of one entry then resumes from the entry before and gets all of them again,
+    instead of skipping the rest."""
+    marker = f"id: {seq}"
+    lines = out.split("\n")
+    last = max((i for i, line in enumerate(lines) if line == marker), default=-1)
+    return "\n".join(line for i, line in enumerate(lines)
+                     if line != marker or i == last).encode()
+
+
+def openai_usage(usage: dict[str, Any]) -> dict[str, Any]:
+    """Usage in OpenAI's names (Anthropic reports ``input_tokens``/``output_tokens``)."""
+    if "prompt_tokens" in usage or "input_tokens" not in usage:
+        return usage
+    prompt = sum(int(usage.get(k) or 0) for k in (
+        "input_tokens", "cache_read_input_tokens", "cache_creation_input_tokens"))
+    completion = int(usage.get("output_tokens") or 0)
+    return {"prompt_tokens": prompt, "completion_tokens": completion,
+            "total_tokens": prompt + completion}
+
+
 def _data_line(payload: str) -> str:
     # JSON escapes every control character below U+0020; these three are line ends for some
     # splitters (Python's str.splitlines, some JS libraries) although not for SSE.
@@ -77,9 +99,14 @@ class OpenAIChunks:
 
     headers: list[tuple[bytes, bytes]] = []
 
-    def __init__(self, gid: str, model: str, created: float) -> None:
+    def __init__(self, gid: str, model: str, created: float, *,
+                 include_usage: bool = False) -> None:
         self.base = {"id": f"chatcmpl-{gid}", "object": "chat.completion.chunk",
                      "created": int(created), "model": model}
+        self.include_usage = include_usage  # as OpenAI's stream_options.include_usage
+        # Tool call indexes as OpenAI numbers them (0, 1, ... in order of appearance);
+        # Anthropic's are content block indexes, with holes.
+        self.tool_index: dict[int, int] = {}
 
     def preamble(self) -> bytes:
         return b""
@@ -108,7 +135,9 @@ class OpenAIChunks:
             case "reasoning":
                 out = self._chunk(seq, {"reasoning_content": data.get("text", "")})
             case "tool_call_delta":
-                call: dict[str, Any] = {"index": data.get("index", 0)}
+                upstream = int(data.get("index", 0))
+                index = self.tool_index.setdefault(upstream, len(self.tool_index))
+                call: dict[str, Any] = {"index": index}
                 if "id" in data:
                     call["id"], call["type"] = data["id"], "function"
                 function = {k: data[k] for k in ("name", "arguments") if k in data}
@@ -117,9 +146,9 @@ class OpenAIChunks:
                 out = self._chunk(seq, {"tool_calls": [call]})
             case "done":
                 out = self._chunk(seq, {}, str(data.get("finish_reason") or "stop"))
-                if isinstance(data.get("usage"), dict):
+                if self.include_usage and isinstance(data.get("usage"), dict):
                     out += self._frame(seq, {**self.base, "choices": [],
-                                             "usage": data["usage"]})
+                                             "usage": openai_usage(data["usage"])})
                 out += self._frame(seq, "[DONE]")
             case "error" | "cancelled":
                 code = str(data.get("code") or _ERROR_TYPES.get(event.type, "error"))
@@ -134,7 +163,7 @@ class OpenAIChunks:
                        f"{data.get('last_missing')} are gone from the log\n\n")
             case _:  # reasoning signatures, complete tool calls: no chunk of their own
                 out = ""
-        return out.encode()
+        return _one_id(out, seq)
 
 
 def _frame(seq: int | None, part: dict[str, Any] | str) -> str:
@@ -238,7 +267,7 @@ class AISDKParts:
             case "gap":
                 out = (f": entries {data.get('first_missing')}.."
                        f"{data.get('last_missing')} are gone from the log\n\n")
-        return out.encode()
+        return _one_id(out, seq)
 
 
 def completion(gid: str, model: str, created: float, events: Iterable[Event]
@@ -261,7 +290,7 @@ def completion(gid: str, model: str, created: float, events: Iterable[Event]
         elif event.type == "done":
             finish = str(event.data.get("finish_reason") or "stop")
             if isinstance(event.data.get("usage"), dict):
-                usage = event.data["usage"]
+                usage = openai_usage(event.data["usage"])
     message: dict[str, Any] = {"role": "assistant", "content": "".join(text) or None,
                                "refusal": None}
     if reasoning:

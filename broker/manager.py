@@ -158,8 +158,11 @@ class GenerationManager:
         deadline = loop.time() + 5.0
         while True:
             earlier = await self.log.swap_idempotency(key, expected, reservation, ttl)
-            if earlier is None or earlier == expected:
-                return None  # reserved: this request starts the generation
+            if earlier == expected:
+                return None  # the swap happened: this request starts the generation
+            if earlier is None:
+                expected = None  # the stale reservation vanished meanwhile: try afresh
+                continue
             info = json.loads(earlier)
             if info.get("request") != fingerprint:
                 raise IdempotencyConflict(

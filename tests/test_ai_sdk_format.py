@@ -66,7 +66,8 @@ async def test_text_stream_in_ai_sdk_parts(http: httpx.AsyncClient) -> None:
         {"type": "finish"},
         "[DONE]",
     ]
-    assert ids[1:] == ["1", "1", "2", "3", "4", "4", "4"]
+    # One id per entry, on its last frame (the SSE last event id carries over).
+    assert ids[1:] == ["", "1", "2", "3", "3", "3", "4"]
     check_strict_order(stream)
     # Resumed mid-text: a new text part, no second start of the message.
     resumed, ids, _ = await parts(http, gid, after=2)
@@ -117,3 +118,13 @@ def test_errors_and_cancels_close_open_parts() -> None:
     cancelled = enc.encode(Event(6, "cancelled", {"reason": "requested"})).decode()
     assert '"messageMetadata":{"tokentee":{"status":"cancelled","reason":"requested"}}' \
         in cancelled
+
+
+def test_every_entry_has_one_id_on_its_last_frame() -> None:
+    enc = AISDKParts("gX", after=0)
+    out = enc.encode(Event(1, "token", {"text": "a"})).decode()
+    assert out.count("id: 1\n") == 1
+    assert out.rstrip().splitlines()[-2] == "id: 1"  # on the text-delta, after text-start
+    done = enc.encode(Event(2, "done", {"finish_reason": "stop"})).decode()
+    assert done.count("id: 2\n") == 1
+    assert done.endswith("id: 2\ndata: [DONE]\n\n")

@@ -263,3 +263,17 @@ async def test_keys_never_reach_logs_events_or_redis(
                 finally:
                     await client.aclose()
     assert KEY not in caplog.text
+
+
+async def test_server_side_tools_are_not_client_tool_calls() -> None:
+    search = (START,
+              event("content_block_start", index=0, content_block={
+                  "type": "server_tool_use", "id": "srvtoolu_1", "name": "web_search",
+                  "input": {}}),
+              event("content_block_delta", index=0,
+                    delta={"type": "input_json_delta", "partial_json": '{"query": "x"}'}),
+              event("content_block_stop", index=0),
+              text_block(1, "Found it."), stop())
+    events, _ = await run(body(*search))
+    assert events == [TextDelta("Found it."),
+                      Usage({"input_tokens": 10, "output_tokens": 15}), Finish("stop")]

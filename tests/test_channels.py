@@ -9,6 +9,7 @@ import pytest
 
 from broker.channels import ChannelPosition
 from broker.errors import InvalidResumePoint
+from broker.events import Event
 from broker.providers.base import GenerationRequest
 from broker.service import Broker
 
@@ -121,3 +122,46 @@ async def test_one_sse_connection_follows_a_channel_and_resumes(redis_url: str) 
         assert (await http.get("/v1/channels/conv-7/events",
                                headers={"Last-Event-ID": "garbage"})).status_code == 400
         assert (await http.get("/v1/channels/bad%20name/events")).status_code == 404
+
+
+async def test_a_failed_log_read_does_not_drop_a_generation(
+    broker: Broker, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    a = (await broker.start(request("a1 a2 a3 a4", rate=50), channel="c1")).id
+    real = broker.log.read
+    failed: list[int] = []
+
+    async def flaky(gid: str, after: int, count: int) -> list[Event]:
+        if gid == a and not failed:
+            failed.append(1)
+            raise RedisConnectionError("blip")
+        return await real(gid, after, count)
+
+    monkeypatch.setattr(broker.log, "read", flaky)
+    b = (await broker.start(request("b1 b2", rate=50), channel="c1")).id
+    seen: dict[str, list[str]] = {a: [], b: []}
+    async for item in broker.channel("c1"):
+        seen[item.generation].append(item.event.type)
+        if all(kinds and kinds[-1] == "done" for kinds in seen.values()):
+            break
+    assert failed == [1]
+    assert seen == {a: ["token"] * 4 + ["done"], b: ["token"] * 2 + ["done"]}
+
+
+async def test_positions_never_name_more_generations_than_they_may(
+    broker: Broker, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import broker.channels as channels
+
+    monkeypatch.setattr(channels, "_MAX_LIVE", 2)
+    gids = [(await broker.start(request("p q r", rate=50), channel="big")).id
+            for _ in range(5)]
+    done: set[str] = set()
+    async for item in broker.channel("big"):
+        assert len(ChannelPosition.parse(item.position).live) <= 2
+        if item.event.terminal:
+            done.add(item.generation)
+        if done == set(gids):
+            break

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from typing import Any
 
 import httpx
 import pytest
@@ -100,3 +101,33 @@ async def test_a_failed_start_releases_the_key(
     monkeypatch.setattr(broker.log, "create", create)
     info = await broker.start(request, idempotency_key="k")
     assert info.replayed is False
+
+
+async def test_a_reservation_vanishing_midway_is_taken_afresh(
+    broker: Broker, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The stale reservation's TTL runs out between reading it and replacing it: the
+    request must still hold the key, so a repeat is a replay, not a second call."""
+    import time
+
+    from broker.keys import new_generation_id
+    from broker.manager import _fingerprint
+
+    request = GenerationRequest([{"role": "user", "content": "x"}],
+                                params={"text": "hi", "tokens_per_second": 0})
+    key = broker.log.keyspace.idempotency("order-1")
+    old_id = new_generation_id()
+    await broker.redis.set(key, json.dumps({
+        "id": old_id, "provider": "simulated", "model": "simulated-1",
+        "created": time.time() - 100, "request": _fingerprint("simulated", request, None)}))
+    real_meta = broker.log.meta
+
+    async def meta(gid: str) -> Any:
+        if gid == old_id:
+            await broker.redis.delete(key)
+        return await real_meta(gid)
+
+    monkeypatch.setattr(broker.log, "meta", meta)
+    first = await broker.start(request, idempotency_key="order-1")
+    second = await broker.start(request, idempotency_key="order-1")
+    assert (second.id, second.replayed) == (first.id, True)

@@ -48,6 +48,7 @@ async def test_streaming_completion_and_a_second_reader_of_the_same_generation(
 ) -> None:
     raw = await client.chat.completions.with_raw_response.create(
         model="sim-x", messages=[{"role": "user", "content": "hi"}], stream=True,
+        stream_options={"include_usage": True},
         extra_body={"text": TEXT, "tokens_per_second": 100},
     )
     stream_id = raw.headers["x-stream-id"]
@@ -146,3 +147,27 @@ async def test_tool_calls_through_the_openai_package(redis_url: str) -> None:
         0: {"id": "call_a", "name": "get_weather", "args": '{"city": "Paris"}'},
         1: {"id": "call_b", "name": "get_weather", "args": '{"city": "Oslo"}'},
     }
+
+
+async def test_no_usage_chunk_unless_asked(client: openai.AsyncOpenAI) -> None:
+    stream = await client.chat.completions.create(
+        model="sim-x", messages=[{"role": "user", "content": "hi"}], stream=True,
+        extra_body={"text": TEXT, "tokens_per_second": 0})
+    text = "".join([chunk.choices[0].delta.content or "" async for chunk in stream])
+    assert text == TEXT  # every chunk has a choice: OpenAI's own loop works
+
+
+def test_anthropic_shapes_in_openai_terms() -> None:
+    from broker.events import Event
+    from broker.formats import OpenAIChunks, completion
+
+    enc = OpenAIChunks("gX", "claude-x", 0, include_usage=True)
+    call = json.loads(enc.encode(Event(3, "tool_call_delta", {
+        "index": 2, "id": "toolu_1", "name": "f"})).decode().split("data: ")[1])
+    assert call["choices"][0]["delta"]["tool_calls"][0]["index"] == 0  # dense, from 0
+    done = enc.encode(Event(5, "done", {"finish_reason": "stop", "usage": {
+        "input_tokens": 10, "output_tokens": 15, "cache_read_input_tokens": 2}})).decode()
+    assert '"usage":{"prompt_tokens":12,"completion_tokens":15,"total_tokens":27}' in done
+    whole = completion("gX", "claude-x", 0, [Event(1, "done", {"usage": {
+        "input_tokens": 1, "output_tokens": 2}})])
+    assert whole["usage"] == {"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3}

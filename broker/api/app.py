@@ -179,6 +179,7 @@ def create_app(
         last_event_id: Annotated[str | None, Header(max_length=64)] = None,
         format: Annotated[Literal["native", "openai", "ai-sdk"], Query()] = "native",
         snapshot: bool = False,
+        include_usage: bool = False,
     ) -> Response:
         """Every event after the resume point.  ``Last-Event-ID`` (what a reconnecting
         EventSource sends) wins over ``after``.  ``format=openai`` sends OpenAI
@@ -194,7 +195,7 @@ def create_app(
         encoder: Encoder = NATIVE
         if format == "openai":
             meta = (await b.state(gid)).meta
-            encoder = OpenAIChunks(gid, meta.model, meta.created)
+            encoder = OpenAIChunks(gid, meta.model, meta.created, include_usage=include_usage)
         elif format == "ai-sdk":
             encoder = AISDKParts(gid, resume)
         lead = None
@@ -267,7 +268,8 @@ def create_app(
         except ProviderConfigError as exc:
             return _openai_error(400, str(exc), None)
         stream_id = [(b"x-stream-id", info.id.encode())]
-        encoder = OpenAIChunks(info.id, info.model, info.created)
+        encoder = OpenAIChunks(info.id, info.model, info.created, include_usage=bool(
+            (body.stream_options or {}).get("include_usage")))
         if body.stream:
             return await relay(b, info.id, 0, request, encoder, stream_id)
         events = [event async for event in b.events(info.id)]

@@ -185,7 +185,9 @@ class _MessageMapper:
             return [ReasoningDelta(delta["thinking"])] if delta["thinking"] else []
         if kind == "signature_delta" and isinstance(delta.get("signature"), str):
             return [ReasoningSignature(delta["signature"])]
-        if kind == "input_json_delta" and isinstance(index, int):
+        # Only for the blocks we relay as tool calls: server-side tools (web search, MCP)
+        # stream their input too, but the client has nothing to call.
+        if kind == "input_json_delta" and index in self._tool_blocks:
             partial = delta.get("partial_json")
             if isinstance(partial, str) and partial:
                 return [ToolCallDelta(index, arguments=partial)]

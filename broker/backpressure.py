@@ -33,7 +33,7 @@ from typing import cast
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from broker.connections import raise_if_cancelled
+from broker.connections import clock_ms, raise_if_cancelled
 from broker.keys import Keyspace
 from broker.settings import Settings
 
@@ -84,7 +84,7 @@ class ConsumerGate:
             pipe.time()
             pipe.hgetall(self.keyspace.consumer_types)
             now_t, beats = await pipe.execute()
-        now_ms = int(now_t[0]) * 1000 + int(now_t[1]) // 1000
+        now_ms = clock_ms(now_t)
         stall_ms = self.settings.stall_timeout_seconds * 1000
         live: list[str] = []
         stalled: list[str] = []

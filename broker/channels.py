@@ -29,6 +29,7 @@ from redis.exceptions import RedisError
 from broker.connections import blocking_client, raise_if_cancelled
 from broker.errors import GenerationNotFound, InvalidResumePoint
 from broker.events import Event
+from broker.formats import native_frame
 from broker.keys import is_generation_id
 from broker.log import XReadReply
 
@@ -194,8 +195,7 @@ class ChannelCursor:
         self._next = None
         data = {"generation": item.generation, **item.event.data}
         event = Event(seq=item.event.seq, type=item.event.type, data=data, ts=item.event.ts)
-        frame = (f"id: {item.position}\nevent: {event.type}\n"
-                 f"data: {event.json_data()}\n\n").encode()
+        frame = native_frame(item.position, event.type, event.json_data())
         object.__setattr__(event, "sse_frame", frame)  # what NativeFrames sends
         return event
 

@@ -72,3 +72,9 @@ def raise_if_cancelled() -> None:
     task = asyncio.current_task()
     if task is not None and task.cancelling():
         raise asyncio.CancelledError
+
+
+def clock_ms(time_reply: tuple[bytes | int, bytes | int] | list[bytes | int]) -> int:
+    """Redis's clock in ms from a ``TIME`` reply: the one clock that workers and brokers on
+    different machines share."""
+    return int(time_reply[0]) * 1000 + int(time_reply[1]) // 1000

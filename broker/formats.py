@@ -62,6 +62,17 @@ def _data_line(payload: str) -> str:
     return "data: " + payload.translate(_EXTRA_LINE_BREAKS) + "\n"
 
 
+def _frame(seq: int | None, part: dict[str, Any] | str) -> str:
+    data = part if isinstance(part, str) else json.dumps(
+        part, ensure_ascii=False, separators=(",", ":"))
+    return (f"id: {seq}\n" if seq is not None else "") + _data_line(data) + "\n"
+
+
+def native_frame(event_id: str, event_type: str, data_json: str) -> bytes:
+    """A frame of tokentee's own format (also a channel's, whose ids are positions)."""
+    return (f"id: {event_id}\nevent: {event_type}\n" + _data_line(data_json) + "\n").encode()
+
+
 class NativeFrames:
     """``id``, ``event`` (the entry type) and ``data`` (the entry's JSON) per event."""
 
@@ -73,8 +84,7 @@ class NativeFrames:
     def encode(self, event: Event) -> bytes:
         frame = event.sse_frame
         if frame is None:
-            frame = (f"id: {event.seq}\nevent: {event.type}\n"
-                     + _data_line(event.json_data()) + "\n").encode()
+            frame = native_frame(str(event.seq), event.type, event.json_data())
             object.__setattr__(event, "sse_frame", frame)  # frozen: a cache, not a state
         return frame
 
@@ -114,14 +124,8 @@ class OpenAIChunks:
     def _chunk(self, seq: int, delta: dict[str, Any], finish: str | None = None) -> str:
         if seq == 1:
             delta = {"role": "assistant", **delta}
-        return self._frame(seq, {**self.base, "choices": [
+        return _frame(seq, {**self.base, "choices": [
             {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]})
-
-    @staticmethod
-    def _frame(seq: int, payload: dict[str, Any] | str) -> str:
-        data = payload if isinstance(payload, str) else json.dumps(
-            payload, ensure_ascii=False, separators=(",", ":"))
-        return f"id: {seq}\n" + _data_line(data) + "\n"
 
     def encode(self, event: Event) -> bytes:
         seq, data = event.seq, event.data
@@ -129,7 +133,7 @@ class OpenAIChunks:
             case "token":
                 out = self._chunk(seq, {"content": event.text})
             case "snapshot":  # the text so far, as the stream's first chunk
-                out = self._frame(seq, {**self.base, "choices": [{
+                out = _frame(seq, {**self.base, "choices": [{
                     "index": 0, "delta": {"role": "assistant", "content": event.text},
                     "logprobs": None, "finish_reason": None}]})
             case "reasoning":
@@ -147,15 +151,15 @@ class OpenAIChunks:
             case "done":
                 out = self._chunk(seq, {}, str(data.get("finish_reason") or "stop"))
                 if self.include_usage and isinstance(data.get("usage"), dict):
-                    out += self._frame(seq, {**self.base, "choices": [],
+                    out += _frame(seq, {**self.base, "choices": [],
                                              "usage": openai_usage(data["usage"])})
-                out += self._frame(seq, "[DONE]")
+                out += _frame(seq, "[DONE]")
             case "error" | "cancelled":
                 code = str(data.get("code") or _ERROR_TYPES.get(event.type, "error"))
                 message = str(data.get("message") or f"the generation was {event.type}")
-                out = self._frame(seq, {"error": {"message": message, "type": event.type,
+                out = _frame(seq, {"error": {"message": message, "type": event.type,
                                                   "code": code, "param": None}})
-                out += self._frame(seq, "[DONE]")
+                out += _frame(seq, "[DONE]")
             case "gap":
                 # A comment, without an id: an id-only frame is an event with empty data,
                 # which OpenAI's client would try to parse as JSON.
@@ -164,12 +168,6 @@ class OpenAIChunks:
             case _:  # reasoning signatures, complete tool calls: no chunk of their own
                 out = ""
         return _one_id(out, seq)
-
-
-def _frame(seq: int | None, part: dict[str, Any] | str) -> str:
-    data = part if isinstance(part, str) else json.dumps(
-        part, ensure_ascii=False, separators=(",", ":"))
-    return (f"id: {seq}\n" if seq is not None else "") + _data_line(data) + "\n"
 
 
 class AISDKParts:

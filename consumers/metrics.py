@@ -17,6 +17,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 from redis.exceptions import ResponseError
 
+from broker.connections import clock_ms
 from broker.keys import Keyspace
 from broker.log import StreamEntry
 from broker.settings import Settings
@@ -63,7 +64,7 @@ async def consumer_families(redis: aioredis.Redis, keyspace: Keyspace,
         pipe.hgetall(keyspace.consumer_types)
         pipe.hgetall(keyspace.dead_letter_counts)
         now_t, beats, dead_counts = await pipe.execute()
-    now_ms = int(now_t[0]) * 1000 + int(now_t[1]) // 1000
+    now_ms = clock_ms(now_t)
     stall_ms = settings.stall_timeout_seconds * 1000
     types = sorted(k.decode() for k in cast(dict[bytes, bytes], beats))
     for ctype in types:

@@ -194,7 +194,6 @@ class Worker:
         self._room.set()
         self._takers: list[asyncio.Task[None]] = []
         self._heartbeat_task: asyncio.Task[None] | None = None
-        self.completed = 0  # generations finished by this worker (tests, benchmarks)
         # Set if a loop of this worker died of an unexpected error: the worker no longer
         # works, and a worker process exits (non-zero) so that it is restarted.
         self.failed = asyncio.Event()
@@ -455,7 +454,6 @@ class Worker:
                                self.type, gid, exc)
                 return
         await self.redis.xack(self.keyspace.catalog, self.type, eid)
-        self.completed += 1
 
     async def _process(self, gid: str, held: _Held, *, retry: bool = False) -> None:
         cp = await self.store.take(gid, self.type, self.name, still_mine=retry)

@@ -66,11 +66,6 @@ class ProseTokens(Sequence[str]):
         return _prose_token(index % self._n)
 
 
-def generated_tokens(count: int) -> list[str]:
-    """``count`` deterministic tokens of prose, as a list."""
-    return list(ProseTokens(count))
-
-
 def _number(params: dict[str, Any], name: str, default: float, *, integer: bool) -> float:
     value = params.get(name, default)
     if isinstance(value, bool) or not isinstance(value, int | float):

@@ -35,11 +35,16 @@ def serve(
     Also runs one worker of each durable consumer type in TOKENTEE_CONSUMERS (sentences and
     analytics by default) unless --no-consumers.
     """
+    from broker.errors import RedisUnavailable
     from broker.server import serve as run
 
     logging.basicConfig(level=log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     settings = _settings(host=host, port=port, consumers="" if no_consumers else None)
-    asyncio.run(run(settings, log_level=log_level.lower()))
+    try:
+        asyncio.run(run(settings, log_level=log_level.lower()))
+    except RedisUnavailable as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
 
 
 @app.command()
@@ -55,7 +60,7 @@ def consume(
     SIGTERM drains: no new generations, held ones finish or are checkpointed and handed
     over within TOKENTEE_SHUTDOWN_GRACE_SECONDS, then exit 0.
     """
-    from broker.errors import ConsumerConfigError
+    from broker.errors import ConsumerConfigError, RedisUnavailable
     from consumers.process import load_consumer_type, run_worker, supervise
 
     logging.basicConfig(level=log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
@@ -64,7 +69,7 @@ def consume(
         if workers > 1:
             raise typer.Exit(supervise(consumer_type, workers, settings, log_level))
         status = asyncio.run(run_worker(settings, load_consumer_type(consumer_type, settings)))
-    except ConsumerConfigError as exc:
+    except (ConsumerConfigError, RedisUnavailable) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from exc
     raise typer.Exit(status)

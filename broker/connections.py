@@ -19,9 +19,12 @@ from __future__ import annotations
 
 import asyncio
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
+from redis.exceptions import RedisError
 
+from broker.errors import RedisUnavailable
 from broker.settings import Settings
 
 
@@ -78,3 +81,25 @@ def clock_ms(time_reply: tuple[bytes | int, bytes | int] | list[bytes | int]) ->
     """Redis's clock in ms from a ``TIME`` reply: the one clock that workers and brokers on
     different machines share."""
     return int(time_reply[0]) * 1000 + int(time_reply[1]) // 1000
+
+
+def redact_url(url: str) -> str:
+    """``url`` with its password (if any) replaced by ``***``, for messages and logs."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    netloc = f"{user}:***@{host}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+async def check_reachable(client: aioredis.Redis, url: str) -> None:
+    """PING through ``client``; any failure (unreachable, refused credentials, TLS
+    verification) becomes :class:`RedisUnavailable`, naming ``url`` without its password."""
+    try:
+        await client.ping()
+    except RedisError as exc:
+        raise RedisUnavailable(f"cannot use Redis at {redact_url(url)}: {exc}") from exc

@@ -46,3 +46,8 @@ class ConsumerConfigError(TokenteeError, ValueError):
 
 class IdempotencyConflict(TokenteeError, ValueError):
     """An ``Idempotency-Key`` that started a generation was reused with another request."""
+
+
+class RedisUnavailable(TokenteeError, ConnectionError):
+    """Redis could not be used at startup: unreachable, refused the credentials, or failed
+    TLS verification.  The message names the URL with its password redacted."""

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 import uvicorn
 
 from broker.api import create_app
+from broker.connections import check_reachable, command_client
 from broker.service import Broker
 from broker.settings import Settings
 
@@ -60,5 +61,13 @@ def build_server(
 
 
 async def serve(settings: Settings, *, log_level: str = "info") -> None:
-    """``tokentee serve``: the API until SIGINT/SIGTERM."""
+    """``tokentee serve``: the API until SIGINT/SIGTERM.  Raises :class:`RedisUnavailable`
+    before listening if the configured Redis cannot be used (uvicorn would otherwise report
+    it as a failed startup with a traceback)."""
+    if settings.redis_url is not None:
+        client = command_client(settings.redis_url, settings)
+        try:
+            await check_reachable(client, settings.redis_url)
+        finally:
+            await client.aclose()
     await build_server(settings, log_level=log_level, access_log=log_level == "debug").serve()

@@ -22,7 +22,7 @@ import redis.asyncio as aioredis
 
 from broker.backpressure import ConsumerGate
 from broker.channels import ChannelEvent, ChannelPosition, follow_channel
-from broker.connections import blocking_client, command_client
+from broker.connections import blocking_client, check_reachable, command_client
 from broker.embedded import embedded_redis
 from broker.errors import GenerationNotFound
 from broker.events import Event
@@ -87,7 +87,7 @@ class Broker:
                 logger.info("no REDIS_URL set: started an embedded redis-server at %s", url)
             redis = command_client(url, settings)
             stack.push_async_callback(redis.aclose)
-            await redis.ping()  # fail fast with a clear error if Redis is unreachable
+            await check_reachable(redis, url)  # fail fast, with a clear error
             hub_redis = blocking_client(url, settings, "hub")
             stack.push_async_callback(hub_redis.aclose)
             control_redis = blocking_client(url, settings, "control")

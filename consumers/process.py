@@ -17,7 +17,7 @@ import subprocess
 import sys
 import time
 
-from broker.connections import blocking_client, command_client
+from broker.connections import blocking_client, check_reachable, command_client
 from broker.errors import ConsumerConfigError
 from broker.hub import Hub
 from broker.log import GenerationLog
@@ -67,7 +67,7 @@ async def run_worker(settings: Settings, ctype: ConsumerType,
     redis = command_client(url, settings)
     hub_redis = blocking_client(url, settings, "hub")
     try:
-        await redis.ping()
+        await check_reachable(redis, url)
         log = GenerationLog.for_settings(redis, settings)
         async with Hub(log, hub_redis, settings) as hub, running_workers(
             [ctype], settings, redis_url=url, redis=redis, log=log, hub=hub,

@@ -168,7 +168,7 @@ async def test_readers_of_a_generation_that_vanished_from_redis_end(redis_url: s
     assert events[-1].seq == 2
 
 
-async def test_shutdown_cancels_running_producers(redis_url: str) -> None:
+async def test_shutdown_ends_running_producers_with_an_error(redis_url: str) -> None:
     settings = make_settings(redis_url, shutdown_grace_seconds=0.0)
     async with Broker.open(settings) as broker:
         info = await broker.start(request(max_tokens=10_000, tokens_per_second=50))
@@ -178,8 +178,8 @@ async def test_shutdown_cancels_running_producers(redis_url: str) -> None:
         entries = await client.xrange(log.keys(info.id).log)
     finally:
         await client.aclose()
-    assert entries[-1][1][b"type"] == b"cancelled"
-    assert b"shutdown" in entries[-1][1][b"data"]
+    assert entries[-1][1][b"type"] == b"error"
+    assert b'"code":"shutdown"' in entries[-1][1][b"data"]
 
 
 async def test_no_leaks_after_readers_leave(broker: Broker) -> None:

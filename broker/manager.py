@@ -287,7 +287,7 @@ class GenerationManager:
                 # A producer that finished meanwhile (its lease deleted) is finishing, and
                 # cancel_local leaves it alone.
                 if not ok and self.cancel_local(gid, "lease_lost"):
-                    logger.warning("generation %s: lease lost; stopping its producer", gid)
+                    logger.warning("generation %s: lease lost; producer stops", gid)
 
     async def aclose(self) -> None:
         """Drain (see :meth:`drain`; the grace period counts from the first call) and await

@@ -61,7 +61,6 @@ class LeaseWatchdog:
         self._changed = asyncio.Event()  # an entry due before the heap's head was added
         self._tasks: list[asyncio.Task[None]] = []
         self.reaped = 0  # generations this watchdog ended with producer_lost
-        self.caught_up = asyncio.Event()  # set once the catalog read has reached its end
 
     async def __aenter__(self) -> LeaseWatchdog:
         self._tasks = [
@@ -112,18 +111,14 @@ class LeaseWatchdog:
                 await asyncio.sleep(0.5)  # reconnect backoff, not a data poll
                 continue
             raise_if_cancelled()
-            read = 0
             for _key, entries in reply or []:
                 for entry_id, fields in entries:
                     after = entry_id.decode()
-                    read += 1
                     gid = fields.get(b"id", b"").decode()
                     if gid and gid not in self._due:
                         # A fresh lease has about lease_seconds left: the first look, a
                         # quarter lease in, learns how much exactly.
                         self._schedule(gid, first_check)
-            if read < _BATCH:
-                self.caught_up.set()
 
     # --- checking leases -----------------------------------------------------------------
 

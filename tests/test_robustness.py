@@ -142,7 +142,8 @@ async def test_start_racing_shutdown_leaves_no_producer_behind(
 async def test_reaper_survives_a_redis_error_that_is_not_a_disconnect(
     redis_url: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    settings = make_settings(redis_url, lease_seconds=0.3)
+    # No watchdog: the hub's reaper must be the one that ends the generation.
+    settings = make_settings(redis_url, lease_seconds=0.3, watchdog=False)
     failed = asyncio.Event()
 
     class Flag(logging.Handler):

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
+import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
@@ -243,3 +245,36 @@ async def test_the_watchdog_can_be_turned_off(redis_url: str) -> None:
     async with Broker.open(settings) as broker:
         assert broker.watchdog is None
     assert Settings.model_fields["watchdog"].default is True
+
+
+@pytest.mark.skipif(bool(os.environ.get("TOKENTEE_TEST_REDIS_URL")),
+                    reason="changes server configuration: private test server only")
+async def test_the_watchdog_survives_a_redis_error_that_is_not_a_disconnect(
+    redis_url: str,
+) -> None:
+    settings = make_settings(redis_url, lease_seconds=0.3)
+    failed = asyncio.Event()
+
+    class Flag(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if "watchdog lease check failed" in record.getMessage():
+                failed.set()
+
+    handler = Flag()
+    logging.getLogger("broker.watchdog").addHandler(handler)
+    try:
+        async with Broker.open(settings) as broker, raw_client(settings) as client:
+            await orphan(broker.log, "goomwatch01", lease_ms=100)
+            await broker.redis.config_set("maxmemory", "1")  # every write now fails: OOM
+            try:
+                async with asyncio.timeout(10):
+                    await failed.wait()  # its reap was refused, and it goes on
+            finally:
+                await broker.redis.config_set("maxmemory", "0")
+            async with asyncio.timeout(10):
+                events = await until_terminal(client, broker.log, "goomwatch01")
+            assert broker.hub.stream_count == 0
+    finally:
+        logging.getLogger("broker.watchdog").removeHandler(handler)
+    assert [e.type for e in events] == ["error"]
+    assert events[0].data["code"] == "producer_lost"

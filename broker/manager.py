@@ -115,7 +115,7 @@ class GenerationManager:
             return
         _, pending = await asyncio.wait(tasks, timeout=self.settings.shutdown_grace_seconds)
         for gid, (producer, task) in list(self._producers.items()):
-            if task in pending and _cancel(producer, task, "shutdown"):
+            if task in pending and _cancel(producer, task, stop_code="shutdown"):
                 logger.info("generation %s ended by shutdown", gid)
         await asyncio.gather(*pending, return_exceptions=True)
 
@@ -226,13 +226,15 @@ class GenerationManager:
         if not task.cancelled() and task.exception() is not None:
             logger.error("producer %s crashed", gid, exc_info=task.exception())
 
-    def cancel_local(self, gid: str, reason: str = "requested") -> bool:
-        """Cancel ``gid`` if its producer runs in this process."""
+    def cancel_local(self, gid: str, reason: str = "requested", *,
+                     stop_code: str | None = None) -> bool:
+        """Cancel ``gid`` if its producer runs in this process: it ends ``cancelled`` with
+        ``reason``, or ``error`` with ``stop_code`` if given.  Returns whether a producer
+        was cancelled (not one that is already writing its terminal entry)."""
         entry = self._producers.get(gid)
         if entry is None:
             return False
-        _cancel(*entry, reason)
-        return True
+        return _cancel(*entry, reason, stop_code=stop_code)
 
     async def wait(self, gid: str) -> None:
         """Wait until the local producer of ``gid`` has ended (no-op if not local)."""
@@ -286,7 +288,7 @@ class GenerationManager:
             for gid, ok in zip(gids, renewed, strict=True):
                 # A producer that finished meanwhile (its lease deleted) is finishing, and
                 # cancel_local leaves it alone.
-                if not ok and self.cancel_local(gid, "lease_lost"):
+                if not ok and self.cancel_local(gid, stop_code="producer_lost"):
                     logger.warning("generation %s: lease lost; producer stops", gid)
 
     async def aclose(self) -> None:
@@ -315,12 +317,14 @@ class GenerationManager:
             self._background = []
 
 
-def _cancel(producer: Producer, task: asyncio.Task[None], reason: str) -> bool:
+def _cancel(producer: Producer, task: asyncio.Task[None], reason: str = "requested", *,
+            stop_code: str | None = None) -> bool:
     """Cancel a producer's task unless it is already writing its terminal entry (which a
     cancellation could only interrupt).  Returns whether it was cancelled."""
     if producer.finishing:
         return False
     producer.cancel_reason = reason
+    producer.stop_code = stop_code
     task.cancel()
     return True
 

@@ -63,8 +63,10 @@ class Producer:
     """Runs one generation.  Construct, then ``await run()`` in a task the manager owns.
 
     Cancelling that task is how a generation is cancelled: set :attr:`cancel_reason` first
-    (``"requested"``, ``"shutdown"``); the producer closes the upstream request, flushes what
-    it has read, writes ``cancelled`` and re-raises the cancellation.
+    (``"requested"``, or the caller's reason); the producer closes the upstream request,
+    flushes what it has read, writes ``cancelled`` and re-raises the cancellation.  With
+    :attr:`stop_code` set instead (``"shutdown"``, ``"producer_lost"``), it writes ``error``
+    with that code: the generation did not end by anyone's wish.
     """
 
     def __init__(
@@ -79,6 +81,7 @@ class Producer:
         self.owner = owner
         self.lease_ms = settings.lease_ms
         self.cancel_reason = "requested"
+        self.stop_code: str | None = None
         self.seq = 0
         self._pending: list[PendingEntry] = []
         self._wake = asyncio.Event()
@@ -130,11 +133,8 @@ class Producer:
                 await self._finish_despite_cancels(terminal)
 
     def _cancelled_terminal(self) -> Terminal:
-        if self.cancel_reason == "shutdown":
-            return _error("shutdown",
-                          "the broker process shut down before the generation finished")
-        if self.cancel_reason == "lease_lost":
-            return _error("producer_lost", "the producer of this generation lost its lease")
+        if self.stop_code is not None:
+            return _error(self.stop_code, _STOP_MESSAGES.get(self.stop_code, self.stop_code))
         return ("cancelled", {"reason": self.cancel_reason}, "cancelled")
 
     async def _end_orphaned(self) -> None:
@@ -374,6 +374,12 @@ class Producer:
                 logger.warning("generation %s: redis write failed (%s); retrying", self.gid, exc)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 1.0)
+
+
+_STOP_MESSAGES = {
+    "shutdown": "the broker process shut down before the generation finished",
+    "producer_lost": "the producer of this generation lost its lease",
+}
 
 
 def _error(code: str, message: str) -> Terminal:

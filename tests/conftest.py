@@ -46,7 +46,10 @@ def make_settings(redis_url: str, **overrides: object) -> Settings:
         "redis_url": redis_url,
         "key_prefix": f"{RUN_PREFIX}-{secrets.token_hex(4)}",
         "block_ms": 2_000,
-        "lease_seconds": 3.0,
+        # Leases are fenced: a producer whose event loop is starved past its lease (a busy
+        # shared machine) loses its generation.  Tests that need a lease to run out set a
+        # short one themselves.
+        "lease_seconds": 10.0,
         "shutdown_grace_seconds": 1.0,
         "heartbeat_seconds": 15.0,
     }

@@ -183,21 +183,26 @@ async def test_a_producer_whose_lease_expired_cannot_append(fast: Settings) -> N
         assert len(await client.xrange(log.keys("gstale0001").log)) == 2
 
 
+@pytest.mark.parametrize("streaming", [True, False], ids=["next-append", "next-renewal"])
 async def test_a_running_producer_that_loses_its_lease_stops_cleanly(
-    redis_url: str,
+    redis_url: str, streaming: bool, caplog: pytest.LogCaptureFixture,
 ) -> None:
-    # No watchdog and no reader: the producer itself notices at its next append or renewal.
+    # No watchdog and no reader: the producer itself notices, at its next append while it
+    # streams, or at its manager's next renewal while its upstream is quiet.
     settings = make_settings(redis_url, lease_seconds=LEASE, watchdog=False)
     async with Broker.open(settings) as broker, raw_client(settings) as client:
         assert broker.watchdog is None
-        info = await broker.start(request(max_tokens=100_000, tokens_per_second=50))
+        rate = 50 if streaming else 0.05  # quiet: 20 s to its first token
+        info = await broker.start(request(max_tokens=100_000, tokens_per_second=rate))
         key = broker.log.keys(info.id).log
-        reply = await client.xread({key: "0-2"}, block=5_000, count=1)  # it is streaming
-        assert reply
+        if streaming:
+            assert await client.xread({key: "0-2"}, block=5_000, count=1)
         await client.delete(broker.log.keys(info.id).lease)  # as if it had expired
         async with asyncio.timeout(10):
             events = await until_terminal(client, broker.log, info.id)
             await broker.manager.wait(info.id)
+        if not streaming:
+            assert "lease lost; producer stops" in caplog.text  # the renewal noticed
         assert broker.manager.active == []
         assert events[-1].type == "error"
         assert events[-1].data["code"] == "producer_lost"

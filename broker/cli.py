@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 from typing import Annotated
 
 import typer
 
+from broker.logs import configure_logging
 from broker.settings import Settings
 
 app = typer.Typer(
@@ -21,7 +21,30 @@ def _settings(**overrides: object) -> Settings:
     return Settings(**{k: v for k, v in overrides.items() if v is not None})  # type: ignore[arg-type]
 
 
-@app.command()
+def _env_epilog() -> str:
+    names = []
+    for field, env in Settings.env_names_by_field().items():
+        names.append(" or ".join(env) if env else field)
+    return (
+        "Settings come from these environment variables (README.md, Configuration, says"
+        " what each does; a TOKENTEE_ name wins over its unprefixed alias): "
+        + ", ".join(names) + "."
+    )
+
+
+LogFormatOption = Annotated[str | None, typer.Option(
+    "--log-format", help="'text' or 'json' (one JSON object per line, with generation_id);"
+    " default: TOKENTEE_LOG_FORMAT, else text.",
+)]
+
+
+def _log_format(value: str | None) -> str | None:
+    if value is not None and value not in ("text", "json"):
+        raise typer.BadParameter("--log-format must be 'text' or 'json'")
+    return value
+
+
+@app.command(epilog=_env_epilog())
 def serve(
     host: Annotated[str | None, typer.Option(help="Interface to bind.")] = None,
     port: Annotated[int | None, typer.Option(help="Port to bind.")] = None,
@@ -29,6 +52,7 @@ def serve(
     no_consumers: Annotated[bool, typer.Option(
         "--no-consumers", help="Do not run the durable consumers (TOKENTEE_CONSUMERS) here.",
     )] = False,
+    log_format: LogFormatOption = None,
 ) -> None:
     """Run the HTTP API (embedded Redis and the simulated provider unless configured).
 
@@ -38,8 +62,9 @@ def serve(
     from broker.errors import RedisUnavailable
     from broker.server import serve as run
 
-    logging.basicConfig(level=log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
-    settings = _settings(host=host, port=port, consumers="" if no_consumers else None)
+    settings = _settings(host=host, port=port, consumers="" if no_consumers else None,
+                         log_format=_log_format(log_format))
+    configure_logging(log_level, settings.log_format)
     try:
         asyncio.run(run(settings, log_level=log_level.lower()))
     except RedisUnavailable as exc:
@@ -54,6 +79,7 @@ def consume(
     )],
     workers: Annotated[int, typer.Option(min=1, help="Worker processes to run.")] = 1,
     log_level: Annotated[str, typer.Option(help="Log level.")] = "info",
+    log_format: LogFormatOption = None,
 ) -> None:
     """Run durable consumer workers against the broker's Redis (REDIS_URL required).
 
@@ -63,8 +89,8 @@ def consume(
     from broker.errors import ConsumerConfigError, RedisUnavailable
     from consumers.process import load_consumer_type, run_worker, supervise
 
-    logging.basicConfig(level=log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
-    settings = _settings()
+    settings = _settings(log_format=_log_format(log_format))
+    configure_logging(log_level, settings.log_format)
     try:
         if workers > 1:
             raise typer.Exit(supervise(consumer_type, workers, settings, log_level))

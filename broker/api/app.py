@@ -11,10 +11,10 @@ from typing import Annotated, Literal
 
 from fastapi import FastAPI, Header, HTTPException, Query, Request, Response
 from fastapi.responses import JSONResponse
-from prometheus_client import CONTENT_TYPE_LATEST
 from redis.exceptions import RedisError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from broker.api.ops import add_ops_routes
 from broker.api.schemas import (
     CancelAccepted,
     ChatCompletionRequest,
@@ -42,7 +42,6 @@ from broker.providers.base import GenerationRequest
 from broker.service import Broker
 from broker.settings import Settings
 from broker.sse import EventStreamResponse, parse_resume_id
-from consumers.metrics import render as render_metrics
 from consumers.process import load_consumer_type
 from consumers.stats import GenerationStats
 from consumers.store import Checkpoint
@@ -97,6 +96,7 @@ def create_app(
 
     @app.exception_handler(RedisError)
     async def _redis_down(request: Request, exc: RedisError) -> JSONResponse:
+        request.app.state.broker.metrics.redis_error("api")
         logger.error("redis error while serving %s: %s", request.url.path, exc)
         return JSONResponse({"detail": "storage unavailable"}, status_code=503)
 
@@ -223,7 +223,7 @@ def create_app(
         return EventStreamResponse(
             cursor, release, heartbeat=settings.heartbeat_seconds,
             send_timeout=settings.send_timeout_seconds, shutdown=request.app.state.shutdown,
-            encoder=encoder, headers=headers, lead=lead,
+            encoder=encoder, headers=headers, lead=lead, metrics=b.metrics,
         )
 
     @app.get("/v1/channels/{name}/events", response_class=Response, response_model=None)
@@ -250,6 +250,7 @@ def create_app(
         return EventStreamResponse(
             cursor, release, heartbeat=settings.heartbeat_seconds,
             send_timeout=settings.send_timeout_seconds, shutdown=request.app.state.shutdown,
+            metrics=b.metrics,
         )
 
     @app.post("/v1/chat/completions", response_model=None)
@@ -329,29 +330,7 @@ def create_app(
             complete=bool(cp and cp.done), **stats.summary(),
         )
 
-    @app.get("/metrics", response_class=Response)
-    async def metrics(request: Request) -> Response:
-        """Prometheus metrics: analytics totals, consumer liveness, lag and dead letters."""
-        b = get_broker(request)
-        body = await render_metrics(b.redis, b.log.keyspace, settings)
-        return Response(body, media_type=CONTENT_TYPE_LATEST)
-
-    @app.get("/healthz")
-    async def healthz(request: Request) -> JSONResponse:
-        b = get_broker(request)
-        try:
-            await b.redis.ping()
-        except RedisError as exc:
-            return JSONResponse({"status": "unavailable", "redis": str(exc)}, status_code=503)
-        return JSONResponse(
-            {
-                "status": "ok",
-                "producers": len(b.manager.active),
-                "hub_streams": b.hub.stream_count,
-                "readers": b.hub.cursor_count,
-            }
-        )
-
+    add_ops_routes(app, settings)  # /healthz, /readyz, /metrics
     return app
 
 

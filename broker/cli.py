@@ -138,5 +138,27 @@ def bench(
     raise typer.Exit(0 if ok else 1)
 
 
+@app.command()
+def upstream(
+    host: Annotated[str, typer.Option(help="Interface to bind.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=0, max=65535, help="Port to bind (0: any free"
+                                      " one).")] = 9000,
+    tokens: Annotated[int, typer.Option(min=0, help="Completion length of requests that"
+                                        " give no max_tokens.")] = 64,
+    rate: Annotated[float, typer.Option(min=0, help="Tokens per second (0: as fast as"
+                                        " possible).")] = 20.0,
+    log_level: Annotated[str, typer.Option(help="Log level.")] = "info",
+) -> None:
+    """Serve a simulated OpenAI-compatible LLM (POST /v1/chat/completions, streaming or
+    not), to run the stack without an API key: set OPENAI_BASE_URL=http://HOST:PORT/v1 and
+    TOKENTEE_DEFAULT_PROVIDER=openai on the API.  Prints that URL once listening."""
+    from broker.upstream import run_upstream
+
+    log_format = _settings().log_format
+    configure_logging(log_level, log_format)
+    asyncio.run(run_upstream(host, port, tokens=tokens, rate=rate, log_level=log_level.lower(),
+                             json_logs=log_format == "json"))
+
+
 def main() -> None:
     app()

@@ -18,16 +18,19 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import httpx
 import pytest
 import yaml
+from httpx_sse import aconnect_sse
 
+from broker.embedded import free_loopback_port
 from broker.events import Finish, TextDelta, Usage
 from broker.providers.base import GenerationRequest
 from broker.providers.openai import OpenAIProvider
 from broker.providers.simulated import ProseTokens
 from broker.service import Broker
 from broker.settings import Settings
-from tests.conftest import make_settings
+from tests.conftest import make_settings, running_server
 
 ROOT = Path(__file__).parent.parent
 COMPOSE: dict[str, Any] = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
@@ -157,10 +160,12 @@ def test_nginx_is_configured_for_sse(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @contextlib.contextmanager
-def nginx_config(tmp_path: Path, **replace: str) -> Iterator[list[str]]:
+def nginx_config(tmp_path: Path, replace: dict[str, str], globals_: str = ""
+                 ) -> Iterator[list[str]]:
     """deploy/nginx.conf under a temporary prefix, with ``replace`` applied (nginx resolves
     upstream host names when it loads its config, and api1/api2 exist only in Docker's
-    network); yields the nginx command line that runs it unprivileged."""
+    network); yields the nginx command line that runs it with its pid file, error log and
+    temporary files under ``tmp_path``."""
     if not os.access(NGINX, os.X_OK):
         pytest.skip(f"no nginx binary at {NGINX} (apt-get install nginx-light)")
     text = NGINX_CONF
@@ -170,15 +175,69 @@ def nginx_config(tmp_path: Path, **replace: str) -> Iterator[list[str]]:
     conf = tmp_path / "nginx.conf"
     conf.write_text(text)
     yield [NGINX, "-p", f"{tmp_path}/", "-c", str(conf), "-e", str(tmp_path / "error.log"),
-           "-g", f"pid {tmp_path}/nginx.pid;"]
+           "-g", f"pid {tmp_path}/nginx.pid; {globals_}"]
 
 
 def test_nginx_accepts_the_config(tmp_path: Path) -> None:
-    with nginx_config(tmp_path, **{"api1:8000": "127.0.0.1:8000",
-                                   "api2:8000": "127.0.0.1:8001"}) as command:
+    with nginx_config(tmp_path, {"api1:8000": "127.0.0.1:8000",
+                                 "api2:8000": "127.0.0.1:8001"}) as command:
         done = subprocess.run([*command, "-t"], capture_output=True, text=True, timeout=30)
     assert done.returncode == 0, done.stderr
     assert "test is successful" in done.stderr
+
+
+async def test_sse_through_nginx_to_two_replicas(redis_url: str, tmp_path: Path) -> None:
+    """The proxy as configured, in front of two real replicas on one Redis: events arrive
+    while the generation runs, uncompressed, and a client resumes through the proxy."""
+    settings = make_settings(redis_url)
+    proxy_port = free_loopback_port()
+    async with contextlib.AsyncExitStack() as stack:
+        brokers = [await stack.enter_async_context(Broker.open(settings)) for _ in range(2)]
+        urls = [await stack.enter_async_context(running_server(settings, b)) for b in brokers]
+        replace = {"api1:8000": urls[0].removeprefix("http://"),
+                   "api2:8000": urls[1].removeprefix("http://"),
+                   "listen 8080;": f"listen 127.0.0.1:{proxy_port};"}
+        command = stack.enter_context(nginx_config(tmp_path, replace, "daemon off;"))
+        nginx = subprocess.Popen(command, stderr=subprocess.PIPE)  # noqa: ASYNC220
+        assert nginx.stderr is not None
+        stack.callback(nginx.stderr.close)
+        stack.callback(nginx.wait, 10)
+        stack.callback(nginx.terminate)
+        base = f"http://127.0.0.1:{proxy_port}"
+        http = await stack.enter_async_context(httpx.AsyncClient(base_url=base, timeout=30))
+        async with asyncio.timeout(20):
+            while True:  # nginx's start has no event to await from outside
+                assert nginx.poll() is None, nginx.stderr.read() if nginx.stderr else ""
+                with contextlib.suppress(httpx.TransportError):
+                    if (await http.get("/readyz")).status_code == 200:
+                        break
+                await asyncio.sleep(0.05)
+
+        created = await http.post("/v1/streams", json={
+            "prompt": "p", "params": {"max_tokens": 40, "tokens_per_second": 20}})
+        assert created.status_code == 201
+        body = created.json()
+        gid = body["id"]
+        assert body["events_url"] == f"{base}/v1/streams/{gid}/events"  # Host passed on
+        seen: list[int] = []
+        async with aconnect_sse(http, "GET", f"/v1/streams/{gid}/events",
+                                headers={"accept-encoding": "gzip"}) as source:
+            assert source.response.headers.get("content-encoding") is None
+            async for sse in source.aiter_sse():
+                if sse.event == "token":
+                    seen.append(int(sse.id))
+                    if len(seen) == 5:
+                        break
+        # Delivered through the proxy while the upstream was still generating.
+        assert (await brokers[0].state(gid)).meta.status == "running"
+        async with aconnect_sse(http, "GET", f"/v1/streams/{gid}/events",
+                                headers={"last-event-id": str(seen[-1])}) as source:
+            async for sse in source.aiter_sse():
+                if sse.data:
+                    seen.append(int(sse.id))
+                if sse.event == "done":
+                    break
+        assert seen == list(range(1, 42))
 
 
 # --- the Dockerfile ---------------------------------------------------------------------

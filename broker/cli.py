@@ -22,9 +22,7 @@ def _settings(**overrides: object) -> Settings:
 
 
 def _env_epilog() -> str:
-    names = []
-    for field, env in Settings.env_names_by_field().items():
-        names.append(" or ".join(env) if env else field)
+    names = [" or ".join(env) for env in Settings.env_names_by_field().values()]
     return (
         "Settings come from these environment variables (README.md, Configuration, says"
         " what each does; a TOKENTEE_ name wins over its unprefixed alias): "
@@ -148,16 +146,17 @@ def upstream(
     rate: Annotated[float, typer.Option(min=0, help="Tokens per second (0: as fast as"
                                         " possible).")] = 20.0,
     log_level: Annotated[str, typer.Option(help="Log level.")] = "info",
+    log_format: LogFormatOption = None,
 ) -> None:
     """Serve a simulated OpenAI-compatible LLM (POST /v1/chat/completions, streaming or
     not), to run the stack without an API key: set OPENAI_BASE_URL=http://HOST:PORT/v1 and
     TOKENTEE_DEFAULT_PROVIDER=openai on the API.  Prints that URL once listening."""
     from broker.upstream import run_upstream
 
-    log_format = _settings().log_format
-    configure_logging(log_level, log_format)
+    fmt = _settings(log_format=_log_format(log_format)).log_format
+    configure_logging(log_level, fmt)
     asyncio.run(run_upstream(host, port, tokens=tokens, rate=rate, log_level=log_level.lower(),
-                             json_logs=log_format == "json"))
+                             json_logs=fmt == "json"))
 
 
 def main() -> None:

@@ -6,12 +6,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import re
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,10 +22,15 @@ import redis.asyncio as aioredis
 from httpx_sse import aconnect_sse
 from prometheus_client.parser import text_string_to_metric_families
 from pydantic import SecretStr
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from broker.embedded import EmbeddedRedisProcess, free_loopback_port
+from broker.events import Event
+from broker.logs import GenerationFilter, generation_context, json_formatter
+from broker.providers.base import GenerationRequest
 from broker.service import Broker
 from broker.settings import Settings
+from consumers.runtime import ConsumerType, Generation
 from tests.conftest import delete_prefix, make_settings, running_server
 
 README = (Path(__file__).parent.parent / "README.md").read_text()
@@ -251,8 +257,6 @@ async def test_metrics_count_generations_clients_and_tokens(
 
 async def test_two_brokers_count_separately(settings: Settings, broker: Broker) -> None:
     async with Broker.open(settings) as other:
-        from broker.providers.base import GenerationRequest
-
         info = await broker.start(GenerationRequest(
             messages=[{"role": "user", "content": "x"}],
             params={"text": "one two three", "tokens_per_second": 0}))
@@ -268,7 +272,6 @@ async def test_redis_errors_are_counted_by_op(broker: Broker, http: httpx.AsyncC
     real = broker.log.meta
 
     async def failing(gid: str) -> Any:
-        from redis.exceptions import ConnectionError as RedisConnectionError
         raise RedisConnectionError("injected")
 
     broker.log.meta = failing  # type: ignore[method-assign]
@@ -321,3 +324,89 @@ async def test_json_logs_carry_the_generation_id(redis_url: str) -> None:
     ours = [line for line in lines if line.get("generation_id") == gid]
     assert any("ended: done" in line["message"] for line in ours), stderr
     assert all({"time", "level", "logger", "message"} <= set(line) for line in lines)
+
+
+class _Records(logging.Handler):
+    """Root handler with the generation filter, as ``configure_logging`` installs it."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.addFilter(GenerationFilter())
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+    def about(self, gid: str) -> list[str]:
+        return [r.getMessage() for r in self.records if r.generation_id == gid]  # type: ignore[attr-defined]
+
+
+@pytest.fixture
+def log_records() -> Iterator[_Records]:
+    handler = _Records()
+    root = logging.getLogger()
+    level = root.level
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    try:
+        yield handler
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(level)
+
+
+class _LoggingConsumer(ConsumerType):
+    name = "logtest"
+
+    def __init__(self) -> None:
+        self.ended = asyncio.Event()
+
+    def end(self, gen: Generation, event: Event) -> None:
+        logging.getLogger("tests.consumer").info("handled the end of %s", gen.id)
+        self.ended.set()
+
+
+async def test_producer_consumer_and_sse_lines_carry_the_generation_id(
+    settings: Settings, log_records: _Records, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    consumer = _LoggingConsumer()
+    async with Broker.open(settings, consumers=[consumer]) as b, \
+            running_server(settings, b) as base, httpx.AsyncClient(base_url=base) as http:
+        info = await b.start(GenerationRequest(
+            messages=[{"role": "user", "content": "x"}],
+            params={"text": "one two", "tokens_per_second": 0}))
+        await b.manager.wait(info.id)
+        async with asyncio.timeout(20):
+            await consumer.ended.wait()
+
+        async def broken_read(*args: object, **kwargs: object) -> Any:
+            raise RedisConnectionError("injected")
+
+        monkeypatch.setattr(b.log, "read", broken_read)
+        with contextlib.suppress(httpx.HTTPError):
+            async with http.stream("GET", f"/v1/streams/{info.id}/events") as response:
+                async for _ in response.aiter_bytes():
+                    pass
+        await b.hub.idle.wait()  # the SSE response has ended and released its cursor
+        assert b.metrics.snapshot()["redis_errors"]["sse"] == 1
+    lines = log_records.about(info.id)
+    assert any(" ended: done " in line for line in lines)  # the producer's task
+    assert f"handled the end of {info.id}" in lines  # the consumer's task
+    assert any(line.startswith(f"SSE stream of {info.id} aborted") for line in lines)
+    # Lines about no generation carry none.
+    assert all(r.generation_id is None for r in log_records.records  # type: ignore[attr-defined]
+               if "consumer logtest worker" in r.getMessage())
+
+
+def test_json_formatter_output() -> None:
+    record = logging.LogRecord("broker.x", logging.INFO, __file__, 1, "hello %s", ("you",),
+                               None)
+    with generation_context("gABC"):
+        GenerationFilter().filter(record)
+    line = json.loads(json_formatter().format(record))
+    assert line["message"] == "hello you"
+    assert line["generation_id"] == "gABC"
+    assert (line["level"], line["logger"]) == ("INFO", "broker.x")
+    outside = logging.LogRecord("broker.x", logging.INFO, __file__, 1, "m", (), None)
+    GenerationFilter().filter(outside)
+    assert "generation_id" not in json.loads(json_formatter().format(outside))

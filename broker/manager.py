@@ -275,8 +275,7 @@ class GenerationManager:
                 )
                 for gid, (producer, task) in list(self._producers.items()):
                     if task in pending and _cancel(producer, task, "shutdown"):
-                        with generation_context(gid):
-                            logger.info("generation %s cancelled by shutdown", gid)
+                        logger.info("generation %s cancelled by shutdown", gid)
                 await asyncio.gather(*pending, return_exceptions=True)
         finally:
             for task in self._background:

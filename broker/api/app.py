@@ -11,10 +11,11 @@ from typing import Annotated, Literal
 
 from fastapi import FastAPI, Header, HTTPException, Query, Request, Response
 from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST
 from redis.exceptions import RedisError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from broker.api.ops import add_ops_routes
+from broker.api.readiness import add_readiness_route
 from broker.api.schemas import (
     CancelAccepted,
     ChatCompletionRequest,
@@ -42,6 +43,7 @@ from broker.providers.base import GenerationRequest
 from broker.service import Broker
 from broker.settings import Settings
 from broker.sse import EventStreamResponse, parse_resume_id
+from consumers.metrics import render as render_metrics
 from consumers.process import load_consumer_type
 from consumers.stats import GenerationStats
 from consumers.store import Checkpoint
@@ -330,7 +332,28 @@ def create_app(
             complete=bool(cp and cp.done), **stats.summary(),
         )
 
-    add_ops_routes(app, settings)  # /healthz, /readyz, /metrics
+    @app.get("/metrics", response_class=Response)
+    async def metrics(request: Request) -> Response:
+        """Prometheus metrics: analytics totals, consumer liveness, lag and dead letters."""
+        b = get_broker(request)
+        body = await render_metrics(b.redis, b.log.keyspace, settings)
+        return Response(body + b.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    add_readiness_route(app)  # /readyz (broker/api/readiness.py)
+
+    @app.get("/healthz")
+    async def healthz(request: Request) -> JSONResponse:
+        """Liveness: this process serves HTTP.  No Redis call (that is /readyz)."""
+        b = get_broker(request)
+        return JSONResponse(
+            {
+                "status": "ok",
+                "producers": len(b.manager.active),
+                "hub_streams": b.hub.stream_count,
+                "readers": b.hub.cursor_count,
+            }
+        )
+
     return app
 
 

@@ -1,8 +1,8 @@
-"""Operations endpoints: ``/healthz`` (liveness), ``/readyz`` (readiness) and ``/metrics``.
+"""``GET /readyz``: readiness, for a load balancer.
 
-Liveness answers from the process alone, so an orchestrator restarts a process only when it
-is wedged, never because Redis is down.  Readiness runs :data:`READINESS_CHECKS`; a load
-balancer sends traffic only to a replica that passes all of them.
+It runs :data:`READINESS_CHECKS`; a load balancer sends traffic only to a replica that
+passes all of them.  (``/healthz``, liveness, answers from the process alone, so an
+orchestrator restarts a process only when it is wedged, never because Redis is down.)
 """
 
 from __future__ import annotations
@@ -10,14 +10,11 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 
-from fastapi import FastAPI, Request, Response
+from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
-from prometheus_client import CONTENT_TYPE_LATEST
 from redis.exceptions import RedisError
 
 from broker.service import Broker
-from broker.settings import Settings
-from consumers.metrics import render as render_consumer_metrics
 
 #: A readiness check: ``None`` if the broker passes it, else why it does not.
 ReadinessCheck = Callable[[Broker], Awaitable[str | None]]
@@ -62,18 +59,8 @@ async def readiness(broker: Broker) -> dict[str, str]:
     return {name: (await check(broker)) or "ok" for name, check in READINESS_CHECKS}
 
 
-def add_ops_routes(app: FastAPI, settings: Settings) -> None:
-    """Register ``/healthz``, ``/readyz`` and ``/metrics`` on ``app`` (whose
-    ``state.broker`` is the broker)."""
-
-    @app.get("/healthz")
-    async def healthz(request: Request) -> JSONResponse:
-        """Liveness: the process serves requests.  Makes no Redis call; the counts are this
-        process's own."""
-        b: Broker = request.app.state.broker
-        return JSONResponse({"status": "ok", "producers": len(b.manager.active),
-                             "hub_streams": b.hub.stream_count,
-                             "readers": b.hub.cursor_count})
+def add_readiness_route(app: FastAPI) -> None:
+    """Register ``GET /readyz`` on ``app`` (whose ``state.broker`` is the broker)."""
 
     @app.get("/readyz", responses={503: {"description": "A readiness check failed."}})
     async def readyz(request: Request) -> JSONResponse:
@@ -84,11 +71,3 @@ def add_ops_routes(app: FastAPI, settings: Settings) -> None:
             return JSONResponse({"status": "unavailable", "failed": failed, "checks": checks},
                                 status_code=503)
         return JSONResponse({"status": "ready", "checks": checks})
-
-    @app.get("/metrics", response_class=Response)
-    async def metrics(request: Request) -> Response:
-        """Prometheus metrics: analytics totals, consumer liveness, lag and dead letters (from
-        Redis), then this process's broker metrics and process figures."""
-        b: Broker = request.app.state.broker
-        body = await render_consumer_metrics(b.redis, b.log.keyspace, settings)
-        return Response(body + b.metrics.render(), media_type=CONTENT_TYPE_LATEST)

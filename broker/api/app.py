@@ -15,7 +15,6 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from redis.exceptions import RedisError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from broker.api.readiness import add_readiness_route
 from broker.api.schemas import (
     CancelAccepted,
     ChatCompletionRequest,
@@ -40,6 +39,7 @@ from broker.formats import NATIVE, AISDKParts, Encoder, OpenAIChunks, completion
 from broker.keys import is_channel, is_generation_id
 from broker.log import GenerationMeta
 from broker.providers.base import GenerationRequest
+from broker.readiness import readiness
 from broker.service import Broker
 from broker.settings import Settings
 from broker.sse import EventStreamResponse, parse_resume_id
@@ -339,7 +339,15 @@ def create_app(
         body = await render_metrics(b.redis, b.log.keyspace, settings)
         return Response(body + b.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
-    add_readiness_route(app)  # /readyz (broker/api/readiness.py)
+    @app.get("/readyz", responses={503: {"description": "A readiness check failed."}})
+    async def readyz(request: Request) -> JSONResponse:
+        """Readiness: 200 if every check passes, else 503 naming the checks that failed."""
+        checks = await readiness(get_broker(request))
+        failed = [name for name, outcome in checks.items() if outcome != "ok"]
+        if failed:
+            return JSONResponse({"status": "unavailable", "failed": failed, "checks": checks},
+                                status_code=503)
+        return JSONResponse({"status": "ready", "checks": checks})
 
     @app.get("/healthz")
     async def healthz(request: Request) -> JSONResponse:

@@ -1,8 +1,9 @@
-"""``GET /readyz``: readiness, for a load balancer.
+"""Readiness: whether this process should get traffic (``GET /readyz``).
 
-It runs :data:`READINESS_CHECKS`; a load balancer sends traffic only to a replica that
-passes all of them.  (``/healthz``, liveness, answers from the process alone, so an
-orchestrator restarts a process only when it is wedged, never because Redis is down.)
+:func:`readiness` runs :data:`READINESS_CHECKS`; a load balancer sends traffic only to a
+replica that passes all of them.  (Liveness, ``GET /healthz``, answers from the process
+alone, so an orchestrator restarts a process only when it is wedged, never because Redis is
+down.)
 """
 
 from __future__ import annotations
@@ -10,11 +11,11 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
 from redis.exceptions import RedisError
 
 from broker.service import Broker
+
+__all__ = ["READINESS_CHECKS", "ReadinessCheck", "readiness"]
 
 #: A readiness check: ``None`` if the broker passes it, else why it does not.
 ReadinessCheck = Callable[[Broker], Awaitable[str | None]]
@@ -57,17 +58,3 @@ READINESS_CHECKS: list[tuple[str, ReadinessCheck]] = [
 async def readiness(broker: Broker) -> dict[str, str]:
     """Each check's outcome by name: ``"ok"`` or why it failed."""
     return {name: (await check(broker)) or "ok" for name, check in READINESS_CHECKS}
-
-
-def add_readiness_route(app: FastAPI) -> None:
-    """Register ``GET /readyz`` on ``app`` (whose ``state.broker`` is the broker)."""
-
-    @app.get("/readyz", responses={503: {"description": "A readiness check failed."}})
-    async def readyz(request: Request) -> JSONResponse:
-        """Readiness: 200 if every check passes, else 503 naming the checks that failed."""
-        checks = await readiness(request.app.state.broker)
-        failed = [name for name, outcome in checks.items() if outcome != "ok"]
-        if failed:
-            return JSONResponse({"status": "unavailable", "failed": failed, "checks": checks},
-                                status_code=503)
-        return JSONResponse({"status": "ready", "checks": checks})

@@ -388,8 +388,8 @@ class Hub:
                 pipe.expire(self._wake_key, 86_400)  # outlives no crashed process by long
                 await pipe.execute()
         except RedisError as exc:
-            self.metrics.redis_error("hub_wake")
             logger.warning("hub wake failed (%s); new stream joins at the next read", exc)
+            self.metrics.redis_error("hub_wake")
 
     # --- the reader ----------------------------------------------------------------------------
 

@@ -22,7 +22,9 @@ Entries that the log no longer holds (trimmed, expired) are reported to the read
 ``gap`` event, never skipped silently.
 
 The hub also reaps generations whose producer died: a live stream that is silent for a lease
-period and has no lease left is ended with ``error``/``producer_lost``.
+period and has no lease left is ended with ``error``/``producer_lost`` (unless built with
+``reap=False``, as in consumer worker processes; the API replicas' watchdogs, which follow
+every generation whether read or not, usually get there first).
 """
 
 from __future__ import annotations
@@ -222,9 +224,12 @@ class Hub:
 
     def __init__(
         self, log: GenerationLog, block_redis: aioredis.Redis, settings: Settings,
-        metrics: BrokerMetrics | None = None,
+        metrics: BrokerMetrics | None = None, *, reap: bool = True,
     ) -> None:
         self.log = log
+        # False in consumer worker processes: they end nobody's generation (that is the
+        # API replicas' watchdog's job), they only notice one whose keys vanished.
+        self.reap = reap
         self.settings = settings
         self.metrics = metrics or BrokerMetrics()
         self._block_redis = block_redis
@@ -478,7 +483,13 @@ class Hub:
             try:
                 alive = await self.log.lease_alive(quiet)
                 for gid, ok in zip(quiet, alive, strict=True):
-                    if not ok and await self.log.reap_if_orphaned(gid) == "missing":
+                    if ok:
+                        continue
+                    if self.reap:
+                        outcome = await self.log.reap_if_orphaned(gid)
+                    else:
+                        outcome = "missing" if await self.log.meta(gid) is None else "alive"
+                    if outcome == "missing":
                         self._lose(gid)
             except RedisError as exc:  # OOM, READONLY, ...: retried at the next check
                 self.metrics.redis_error("reaper")

@@ -57,7 +57,16 @@ class Settings(BaseSettings):
     )
     catalog_maxlen: int = Field(default=100_000, ge=100)
     control_maxlen: int = Field(default=10_000, ge=100)
-    shutdown_grace_seconds: float = Field(default=5.0, ge=0)
+    shutdown_grace_seconds: float = Field(
+        default=5.0, ge=0,
+        description="On SIGTERM, how long running generations get to finish before they end"
+        " with error/shutdown.",
+    )
+    watchdog: bool = Field(
+        default=True,
+        description="Run the lease watchdog: end any replica's generation whose producer lost"
+        " its lease with error/producer_lost, even when nobody reads it.",
+    )
 
     # --- durable consumers and backpressure --------------------------------------------
     max_lag: int = Field(

@@ -71,10 +71,15 @@ def create_app(
         types = [load_consumer_type(name, settings) for name in settings.consumer_types]
         async with Broker.open(settings, consumers=types) as own:
             app.state.broker = own
+            # The server's shutdown (SIGTERM) drains the broker at once, while uvicorn still
+            # waits for open requests: new generations get 503 from then on.
+            drainer = asyncio.create_task(_drain_on(shutdown_event, own), name="tokentee-drain-on")
             try:
                 yield
             finally:
                 shutdown_event.set()
+                drainer.cancel()
+                await asyncio.gather(drainer, return_exceptions=True)
 
     app = FastAPI(
         title="tokentee",
@@ -363,6 +368,11 @@ def create_app(
         )
 
     return app
+
+
+async def _drain_on(shutdown: asyncio.Event, broker: Broker) -> None:
+    await shutdown.wait()
+    broker.drain()
 
 
 def _openai_error(status: int, message: str, param: str | None) -> JSONResponse:

@@ -151,6 +151,12 @@ class Keyspace:
         key name)."""
         return f"{self.prefix}:idem:{hashlib.sha256(key.encode()).hexdigest()}"
 
+    def sse_slots(self, client: str) -> str:
+        """Sorted set: one member per open event stream of ``client`` (hashed: any client id
+        is a safe key name), scored by when it expires (Redis clock, ms).  Replicas refresh
+        their members; a crashed replica's age out."""
+        return f"{self.prefix}:sse:{hashlib.sha256(client.encode()).hexdigest()[:32]}"
+
     def hub_wake(self, hub_id: str) -> str:
         """Private stream a hub includes in its blocking read, to be woken for new streams."""
         return f"{self.prefix}:hub:{hub_id}:wake"

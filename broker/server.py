@@ -12,6 +12,7 @@ from collections.abc import Iterator
 import uvicorn
 
 from broker.api import create_app
+from broker.auth import install_redaction, warn_if_open
 from broker.connections import check_reachable, command_client
 from broker.service import Broker
 from broker.settings import Settings
@@ -57,6 +58,7 @@ def build_server(
         access_log=access_log, lifespan="on",
         timeout_graceful_shutdown=int(settings.shutdown_grace_seconds) + 5,
     )
+    install_redaction(settings)  # after uvicorn.Config, which sets up uvicorn's log handlers
     return TokenteeServer(config, shutdown)
 
 
@@ -64,6 +66,7 @@ async def serve(settings: Settings, *, log_level: str = "info") -> None:
     """``tokentee serve``: the API until SIGINT/SIGTERM.  Raises :class:`RedisUnavailable`
     before listening if the configured Redis cannot be used (uvicorn would otherwise report
     it as a failed startup with a traceback)."""
+    warn_if_open(settings)
     if settings.redis_url is not None:
         client = command_client(settings.redis_url, settings)
         try:

@@ -56,6 +56,9 @@ def build_server(
     config = uvicorn.Config(
         app, host=settings.host, port=settings.port, log_level=log_level,
         access_log=access_log, lifespan="on",
+        # X-Forwarded-For/-Proto from TOKENTEE_TRUSTED_PROXIES only (uvicorn's default
+        # trusts loopback, which would let any local process pose as any client).
+        proxy_headers=True, forwarded_allow_ips=settings.trusted_proxy_list,
         timeout_graceful_shutdown=int(settings.shutdown_grace_seconds) + 5,
     )
     install_redaction(settings)  # after uvicorn.Config, which sets up uvicorn's log handlers

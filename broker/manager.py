@@ -25,7 +25,7 @@ from redis.exceptions import RedisError
 
 from broker.backpressure import ConsumerGate
 from broker.connections import raise_if_cancelled
-from broker.errors import IdempotencyConflict, ShuttingDown
+from broker.errors import AtCapacity, IdempotencyConflict, ShuttingDown
 from broker.keys import new_generation_id
 from broker.log import GenerationLog, StreamEntry, XReadReply
 from broker.logs import generation_context
@@ -71,6 +71,7 @@ class GenerationManager:
         self._background: list[asyncio.Task[None]] = []
         self._draining = False
         self._drain_task: asyncio.Task[None] | None = None
+        self._starting = 0  # start() calls between the capacity check and registration
 
     async def __aenter__(self) -> GenerationManager:
         # Resolve the control stream's current end before accepting work, so a cancel
@@ -129,7 +130,8 @@ class GenerationManager:
     ) -> GenerationInfo:
         """Validate, create and start a generation; return once it is in the log.
 
-        Raises ``UnknownProvider`` / ``ProviderConfigError`` before anything is written.  The
+        Raises ``UnknownProvider`` / ``ProviderConfigError`` before anything is written, and
+        ``AtCapacity`` when this process already runs ``max_active_generations``.  The
         producer task belongs to this manager, not to the caller: it keeps running when the
         caller goes away.
 
@@ -160,7 +162,13 @@ class GenerationManager:
             earlier = await self._reserve(idempotency_key, reservation, ttl)
             if earlier is not None:
                 return earlier
+        # Counted with the starts still awaiting Redis, so concurrent ones cannot overshoot.
+        limit = self.settings.max_active_generations
+        full = limit > 0 and len(self._producers) + self._starting >= limit
+        self._starting += 1
         try:
+            if full:
+                raise AtCapacity(f"this process already runs its limit of {limit} generations")
             await self.log.create(
                 gid, provider=name, model=model, owner=self.owner,
                 lease_ms=self.settings.lease_ms, ttl_seconds=ttl, created=created,
@@ -183,6 +191,8 @@ class GenerationManager:
                 with contextlib.suppress(RedisError):
                     await self.log.swap_idempotency(idempotency_key, reservation, None, ttl)
             raise
+        finally:
+            self._starting -= 1
         producer = Producer(self.log, gid, provider, request, self.settings, self.owner,
                             self.gate, self.metrics)
         task = asyncio.create_task(producer.run(), name=f"tokentee-producer-{gid}")

@@ -1,0 +1,224 @@
+"""tokentee on a real three-master Redis Cluster (started by ``tests/redis_cluster.py``):
+SSE fan-out, resume and cancel for generations on every master, the hub's per-slot reads,
+the durable consumers, and the wire format's ``XREAD`` loop."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import pytest
+from redis.asyncio.cluster import RedisCluster
+from redis.crc import key_slot
+from redis.exceptions import RedisClusterException
+
+from broker.connections import is_cluster_url
+from broker.providers.base import GenerationRequest
+from broker.providers.simulated import tokenize
+from broker.service import Broker
+from broker.settings import Settings
+from consumers.analytics import Analytics
+from consumers.sentences import Sentences
+from tests.conftest import make_settings, running_server
+from tests.redis_cluster import LocalCluster, redis_cluster
+from tests.test_api import read_sse
+from tests.test_consumers import consumed, expected_sentences, until
+
+__all__ = ["redis_cluster"]  # the fixture, imported for pytest
+
+
+@pytest.fixture
+def cluster_settings(redis_cluster: LocalCluster) -> Settings:
+    # Each test has its own key prefix; the cluster lives only for this session.
+    return make_settings(redis_cluster.url)
+
+
+def master_of(cluster: LocalCluster, settings: Settings, gid: str) -> int:
+    """The port of the master that owns ``gid``'s keys."""
+    slot = key_slot(f"{settings.key_prefix}:{{{gid}}}:log".encode())
+    for port, (first, last) in cluster.masters().items():
+        if first <= slot <= last:
+            return port
+    raise AssertionError(f"slot {slot} has no master")
+
+
+async def spread(http: httpx.AsyncClient, cluster: LocalCluster, settings: Settings,
+                 per_master: int, **params: Any) -> dict[int, list[str]]:
+    """Start generations over HTTP until each master owns at least ``per_master`` of them
+    (ids are random, so this takes about 3 x per_master); returns them by master port."""
+    by_master: dict[int, list[str]] = {port: [] for port in cluster.ports}
+    for _ in range(per_master * 20):
+        if min(len(g) for g in by_master.values()) >= per_master:
+            return by_master
+        response = await http.post("/v1/streams", json={"prompt": "x", "params": params})
+        assert response.status_code == 201, response.text
+        gid = response.json()["id"]
+        by_master[master_of(cluster, settings, gid)].append(gid)
+    raise AssertionError(f"generation ids did not reach every master: {by_master}")
+
+
+@pytest.fixture
+async def cluster_broker(cluster_settings: Settings) -> AsyncIterator[Broker]:
+    async with Broker.open(cluster_settings) as broker:
+        yield broker
+
+
+@pytest.fixture
+async def cluster_http(cluster_settings: Settings, cluster_broker: Broker
+                       ) -> AsyncIterator[httpx.AsyncClient]:
+    async with running_server(cluster_settings, cluster_broker) as url, \
+            httpx.AsyncClient(base_url=url, timeout=httpx.Timeout(30.0)) as http:
+        yield http
+
+
+def test_cluster_url_forms() -> None:
+    settings = Settings(redis_url="redis://h:1")
+    assert is_cluster_url("redis+cluster://h:1")
+    assert is_cluster_url("rediss+cluster://h:1")
+    assert not is_cluster_url("redis://h:1", settings)
+    flagged = Settings(redis_url="redis://h:1", redis_cluster=True)
+    assert is_cluster_url("redis://h:1", flagged)
+
+
+async def test_many_generations_on_every_master_reach_every_sse_client_whole(
+    redis_cluster: LocalCluster, cluster_settings: Settings, cluster_broker: Broker,
+    cluster_http: httpx.AsyncClient,
+) -> None:
+    text = " ".join(f"word{i}" for i in range(60))
+    by_master = await spread(cluster_http, redis_cluster, cluster_settings, 3,
+                             text=text, tokens_per_second=15)
+    gids = [gid for gids in by_master.values() for gid in gids]
+    # Several SSE clients per generation, all connected while the generations run.
+    readers = {gid: [asyncio.create_task(read_sse(cluster_http, gid)) for _ in range(3)]
+               for gid in gids}
+    # While they run, the hub reads each slot with live streams separately.
+    slots = {key_slot(f"{cluster_settings.key_prefix}:{{{gid}}}:log".encode()) for gid in gids}
+    async def subscribed() -> bool:  # the readers' subscriptions land asynchronously
+        return cluster_broker.hub.stream_count == len(gids)
+    await until(subscribed, 10)
+    assert cluster_broker.hub.read_groups == len(slots) >= 3
+    for gid, tasks in readers.items():
+        results = await asyncio.gather(*tasks)
+        status = (await cluster_http.get(f"/v1/streams/{gid}")).json()
+        assert status["status"] == "done"
+        assert status["text"] == text
+        for events in results:
+            assert [e.event for e in events] == ["token"] * len(tokenize(text)) + ["done"]
+            assert [int(e.id) for e in events] == list(range(1, len(events) + 1))
+            assert "".join(json.loads(e.data)["text"] for e in events[:-1]) == text
+            assert [(e.id, e.data) for e in events] == [(e.id, e.data) for e in results[0]]
+    # A slot's reader ends with its last live stream.
+    async def no_reads() -> bool:
+        return cluster_broker.hub.read_groups == 0
+    await until(no_reads, cluster_settings.block_ms / 1000 + 5)
+
+
+async def test_resume_by_last_event_id_on_every_master(
+    redis_cluster: LocalCluster, cluster_settings: Settings, cluster_http: httpx.AsyncClient,
+) -> None:
+    by_master = await spread(cluster_http, redis_cluster, cluster_settings, 1,
+                             max_tokens=40, tokens_per_second=100)
+    for gids in by_master.values():
+        gid = gids[0]
+        first = await read_sse(cluster_http, gid, stop_after=15)
+        rest = await read_sse(cluster_http, gid, headers={"Last-Event-ID": first[-1].id})
+        events = first + rest
+        assert [int(e.id) for e in events] == list(range(1, 42))
+        assert events[-1].event == "done"
+
+
+async def test_cancel_on_every_master(
+    redis_cluster: LocalCluster, cluster_settings: Settings, cluster_http: httpx.AsyncClient,
+) -> None:
+    by_master = await spread(cluster_http, redis_cluster, cluster_settings, 1,
+                             max_tokens=100_000, tokens_per_second=50)
+    gids = [gids[0] for gids in by_master.values()]
+    readers = [asyncio.create_task(read_sse(cluster_http, gid)) for gid in gids]
+    for gid in gids:
+        response = await cluster_http.post(f"/v1/streams/{gid}/cancel")
+        assert response.status_code == 202, response.text
+    for events in await asyncio.gather(*readers):
+        assert events[-1].event == "cancelled"
+        assert all(e.event == "token" for e in events[:-1])
+
+
+async def test_cancel_through_another_process_reaches_the_producer(
+    redis_cluster: LocalCluster, cluster_settings: Settings, cluster_broker: Broker,
+) -> None:
+    """The control stream (a global key, in a slot of its own) carries the cancel."""
+    async with Broker.open(cluster_settings) as other:
+        infos = [await cluster_broker.start(GenerationRequest(
+            [{"role": "user", "content": "x"}],
+            params={"max_tokens": 100_000, "tokens_per_second": 50})) for _ in range(6)]
+        for info in infos:
+            assert await other.log.request_cancel(info.id) == "running"
+        for info in infos:
+            events = [e async for e in other.events(info.id)]
+            assert events[-1].type == "cancelled"
+
+
+async def test_durable_consumers_process_generations_on_every_master(
+    redis_cluster: LocalCluster, cluster_settings: Settings,
+) -> None:
+    text = "One sentence here. Another one there! And a third?"
+    async with Broker.open(cluster_settings, consumers=[Sentences(None), Analytics()]) as broker, \
+            running_server(cluster_settings, broker) as url, \
+            httpx.AsyncClient(base_url=url, timeout=httpx.Timeout(30.0)) as http:
+        by_master = await spread(http, redis_cluster, cluster_settings, 2,
+                                 text=text, tokens_per_second=200)
+        gids = [gid for gids in by_master.values() for gid in gids]
+        for gid in gids:
+            await consumed(broker.consumer_store, gid, "sentences", "analytics")
+            body = (await http.get(f"/v1/streams/{gid}/sentences")).json()
+            assert [s["text"] for s in body["sentences"]] == expected_sentences(text)
+            stats = (await http.get(f"/v1/streams/{gid}/stats")).json()
+            assert stats["tokens"] == len(tokenize(text))
+            assert stats["complete"] is True
+
+        async def added() -> bool:
+            totals = await broker.consumer_store.totals("analytics")
+            return totals.get("generations|done|stop|simulated|simulated-1") == len(gids)
+        await until(added)  # totals are added after the checkpoint
+
+
+async def test_the_wire_format_xread_loop_per_slot(
+    redis_cluster: LocalCluster, cluster_settings: Settings, cluster_broker: Broker,
+    cluster_http: httpx.AsyncClient,
+) -> None:
+    """The README's loop works with a cluster client on every master; one XREAD over
+    generations of different slots is refused, so a follower reads per slot."""
+    by_master = await spread(cluster_http, redis_cluster, cluster_settings, 1,
+                             text="Hello, wire format.", tokens_per_second=20)
+    prefix = cluster_settings.key_prefix
+    client = RedisCluster(host="127.0.0.1", port=redis_cluster.ports[0], protocol=2,
+                          decode_responses=True, socket_timeout=10)
+    try:
+        logs = []
+        for gids in by_master.values():
+            gid = gids[0]
+            log, meta = f"{prefix}:{{{gid}}}:log", f"{prefix}:{{{gid}}}:meta"
+            logs.append(log)
+            last, text = 0, ""
+            while True:
+                reply = await client.xread({log: f"0-{last}"}, count=100, block=5000)
+                if not reply:
+                    assert await client.exists(meta)
+                    continue
+                _key, entries = reply[0]
+                for entry_id, fields in entries:
+                    seq = int(entry_id.split("-")[1])
+                    assert seq == last + 1
+                    last = seq
+                    if fields["type"] == "token":
+                        text += json.loads(fields["data"])["text"]
+                if fields["type"] != "token":
+                    break
+            assert fields["type"] == "done"
+            assert text == "Hello, wire format."
+        with pytest.raises(RedisClusterException):
+            await client.xread({log: "0-0" for log in logs}, count=1)
+    finally:
+        await client.aclose()

@@ -31,8 +31,8 @@ from typing import Any, cast
 from urllib.parse import urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
-from redis.asyncio.cluster import RedisCluster
-from redis.exceptions import RedisError
+from redis.asyncio.cluster import ClusterPipeline, RedisCluster
+from redis.exceptions import ClusterError, RedisClusterException, RedisError
 
 from broker.errors import RedisUnavailable
 from broker.settings import Settings
@@ -74,8 +74,37 @@ def _node_url(url: str) -> str:
     return CLUSTER_SCHEMES.get(scheme.lower(), scheme) + sep + rest
 
 
+class ClusterUnavailable(ClusterError):
+    """A cluster failure that redis-py raises outside ``RedisError`` (no node serves a slot
+    during a failover, no node could be reached), re-raised as a ``RedisError`` so that
+    every retry loop and error mapping that handles Redis failures handles it too."""
+
+
+class _Cluster(RedisCluster):
+    async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return await super().execute_command(*args, **kwargs)
+        except RedisClusterException as exc:
+            raise ClusterUnavailable(str(exc)) from exc
+
+    def pipeline(self, transaction: Any | None = None, shard_hint: Any | None = None
+                 ) -> ClusterPipeline:
+        if shard_hint:
+            raise ClusterUnavailable("shard_hint is not supported in cluster mode")
+        return _ClusterPipeline(self, transaction)  # type: ignore[abstract]
+
+
+class _ClusterPipeline(ClusterPipeline):
+    async def execute(self, raise_on_error: bool = True, allow_redirections: bool = True
+                      ) -> list[Any]:
+        try:
+            return await super().execute(raise_on_error, allow_redirections)
+        except RedisClusterException as exc:
+            raise ClusterUnavailable(str(exc)) from exc
+
+
 def _cluster(url: str, settings: Settings, role: str, per_node: int) -> aioredis.Redis:
-    client = RedisCluster.from_url(
+    client = _Cluster.from_url(
         _node_url(url), max_connections=per_node, **_common(url, settings, role)
     )
     return cast(aioredis.Redis, client)  # same command methods; see the module docstring

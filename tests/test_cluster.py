@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import httpx
@@ -22,6 +22,7 @@ from broker.service import Broker
 from broker.settings import Settings
 from consumers.analytics import Analytics
 from consumers.sentences import Sentences
+from tests import test_api, test_channels, test_hub, test_idempotency, test_snapshot
 from tests.conftest import make_settings, running_server
 from tests.redis_cluster import LocalCluster, redis_cluster
 from tests.test_api import read_sse
@@ -222,3 +223,42 @@ async def test_the_wire_format_xread_loop_per_slot(
             await client.xread({log: "0-0" for log in logs}, count=1)
     finally:
         await client.aclose()
+
+
+# --- a subset of the core tests, on the cluster ----------------------------------------
+
+BROKER_TESTS: list[Callable[[Broker], Awaitable[None]]] = [
+    test_hub.test_identical_delivery_to_many_readers_including_late_joiner,
+    test_hub.test_resume_after_id_has_no_gap_and_no_duplicate,
+    test_hub.test_resume_points_are_validated,
+    test_hub.test_trimmed_entries_are_reported_as_a_gap,
+    test_hub.test_upstream_error_mid_stream_ends_with_error,
+    test_channels.test_parallel_generations_of_a_channel_in_one_iterator,
+    test_channels.test_resume_from_a_position_loses_and_repeats_nothing,
+    test_idempotency.test_a_key_whose_generation_is_gone_starts_a_new_one,
+    test_snapshot.test_python_snapshot,
+]
+HTTP_TESTS: list[Callable[[httpx.AsyncClient], Awaitable[None]]] = [
+    test_api.test_create_status_and_events,
+    test_api.test_identical_delivery_to_many_clients_and_a_late_joiner,
+    test_api.test_last_event_id_header_wins_over_after,
+    test_api.test_resume_after_terminal_event_is_204,
+    test_api.test_resume_beyond_the_end_is_400,
+    test_api.test_cancel_ends_the_stream_with_cancelled,
+    test_api.test_token_text_cannot_forge_sse_fields,
+    test_idempotency.test_same_key_different_request_is_refused,
+]
+
+
+@pytest.mark.parametrize("core_test", BROKER_TESTS, ids=lambda t: t.__name__)
+async def test_core_broker_behaviour_on_the_cluster(
+    core_test: Callable[[Broker], Awaitable[None]], cluster_broker: Broker,
+) -> None:
+    await core_test(cluster_broker)
+
+
+@pytest.mark.parametrize("core_test", HTTP_TESTS, ids=lambda t: t.__name__)
+async def test_core_http_behaviour_on_the_cluster(
+    core_test: Callable[[httpx.AsyncClient], Awaitable[None]], cluster_http: httpx.AsyncClient,
+) -> None:
+    await core_test(cluster_http)

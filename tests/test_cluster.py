@@ -262,3 +262,48 @@ async def test_core_http_behaviour_on_the_cluster(
     core_test: Callable[[httpx.AsyncClient], Awaitable[None]], cluster_http: httpx.AsyncClient,
 ) -> None:
     await core_test(cluster_http)
+
+
+def ids_in_one_slot(prefix: str, count: int) -> list[str]:
+    """``count`` generation ids whose keys share one hash slot (found by trying ids)."""
+    seen: dict[int, list[str]] = {}
+    i = 0
+    while True:
+        gid = f"gsameslot{i:06d}"
+        bucket = seen.setdefault(key_slot(f"{prefix}:{{{gid}}}:log".encode()), [])
+        bucket.append(gid)
+        if len(bucket) == count:
+            return bucket
+        i += 1
+
+
+async def test_a_second_generation_in_a_slot_wakes_that_slots_read(
+    cluster_broker: Broker, cluster_settings: Settings,
+) -> None:
+    """The slot's read is blocked on the first generation; the second one, in the same slot,
+    joins through the slot's wake stream, not after the block time."""
+    log = cluster_broker.log
+    first, second = ids_in_one_slot(cluster_settings.key_prefix, 2)
+    for gid in (first, second):
+        await log.create(gid, provider="p", model="m", owner="x", lease_ms=60_000,
+                         ttl_seconds=60)
+    hub = cluster_broker.hub
+    async with hub.subscribe(first) as a:
+        async def blocked() -> bool:
+            groups = list(hub._groups.values())
+            return len(groups) == 1 and groups[0].blocked
+        await until(blocked, 10)
+        async with hub.subscribe(second) as b:
+            assert hub.read_groups == 1
+            waiting = asyncio.ensure_future(anext(b))
+
+            async def live() -> bool:  # caught up with the (empty) log: only the hub feeds it
+                return not b._behind
+            await until(live, 10)
+            await log.append(second, "x", 60_000, [(1, "token", {"text": "t"}, 1.0, "t")])
+            # Far below block_ms (2 s here), while the read blocked on ``first`` alone.
+            async with asyncio.timeout(cluster_settings.block_ms / 1000 / 2):
+                event = await waiting
+            assert (event.seq, event.type) == (1, "token")
+            await log.append(first, "x", 60_000, [(1, "token", {"text": "u"}, 1.0, "u")])
+            assert (await anext(a)).data == {"text": "u"}

@@ -59,13 +59,35 @@ class LocalCluster:
     def client(self) -> RedisCluster:
         return RedisCluster(host="127.0.0.1", port=self.ports[0])
 
-    def masters(self) -> dict[int, tuple[int, int]]:
-        """port -> (first slot, last slot) of the ranges each master owns (one each here)."""
-        owners: dict[int, tuple[int, int]] = {}
+    def slot_ranges(self) -> list[tuple[int, int, int]]:
+        """``(first slot, last slot, master port)`` of every slot range."""
         with redis.Redis(port=self.ports[0]) as node:
-            for first, last, master, *_ in node.execute_command("CLUSTER SLOTS"):
-                owners[int(master[1])] = (int(first), int(last))
-        return owners
+            return [(int(first), int(last), int(master[1]))
+                    for first, last, master, *_ in node.execute_command("CLUSTER SLOTS")]
+
+    def master_of_slot(self, slot: int) -> int:
+        for first, last, port in self.slot_ranges():
+            if first <= slot <= last:
+                return port
+        raise LookupError(f"no master serves slot {slot}")
+
+    def node_id(self, port: int) -> str:
+        with redis.Redis(port=port) as node:
+            return str(node.execute_command("CLUSTER MYID").decode())
+
+    def move_slot(self, slot: int, to_port: int, keys_per_step: int = 100) -> None:
+        """Migrate ``slot`` (and its keys) to the master on ``to_port``, the way
+        ``redis-cli --cluster reshard`` does: IMPORTING/MIGRATING, MIGRATE, SETSLOT NODE."""
+        from_port = self.master_of_slot(slot)
+        source, target = self.node_id(from_port), self.node_id(to_port)
+        with redis.Redis(port=from_port) as src, redis.Redis(port=to_port) as dst:
+            dst.execute_command("CLUSTER SETSLOT", slot, "IMPORTING", source)
+            src.execute_command("CLUSTER SETSLOT", slot, "MIGRATING", target)
+            while keys := src.execute_command("CLUSTER GETKEYSINSLOT", slot, keys_per_step):
+                src.execute_command("MIGRATE", "127.0.0.1", to_port, "", 0, 5000, "KEYS", *keys)
+            for port in self.ports:
+                with redis.Redis(port=port) as node:
+                    node.execute_command("CLUSTER SETSLOT", slot, "NODE", target)
 
     def stop(self) -> None:
         for process in self.processes:

@@ -39,11 +39,7 @@ def cluster_settings(redis_cluster: LocalCluster) -> Settings:
 
 def master_of(cluster: LocalCluster, settings: Settings, gid: str) -> int:
     """The port of the master that owns ``gid``'s keys."""
-    slot = key_slot(f"{settings.key_prefix}:{{{gid}}}:log".encode())
-    for port, (first, last) in cluster.masters().items():
-        if first <= slot <= last:
-            return port
-    raise AssertionError(f"slot {slot} has no master")
+    return cluster.master_of_slot(key_slot(f"{settings.key_prefix}:{{{gid}}}:log".encode()))
 
 
 async def spread(http: httpx.AsyncClient, cluster: LocalCluster, settings: Settings,
@@ -307,3 +303,28 @@ async def test_a_second_generation_in_a_slot_wakes_that_slots_read(
             assert (event.seq, event.type) == (1, "token")
             await log.append(first, "x", 60_000, [(1, "token", {"text": "u"}, 1.0, "u")])
             assert (await anext(a)).data == {"text": "u"}
+
+
+async def test_a_slot_moving_to_another_master_mid_stream_loses_nothing(
+    redis_cluster: LocalCluster, cluster_settings: Settings, cluster_broker: Broker,
+) -> None:
+    """The slot of a live generation migrates while its producer writes and the hub's read
+    of that slot blocks: redis-py follows ASK/MOVED (producer) and the hub re-routes its
+    read to the new owner; every reader still gets every entry once, in order."""
+    text = " ".join(f"w{i}" for i in range(80))
+    info = await cluster_broker.start(GenerationRequest(
+        [{"role": "user", "content": "x"}], params={"text": text, "tokens_per_second": 40}))
+    slot = key_slot(f"{cluster_settings.key_prefix}:{{{info.id}}}:log".encode())
+    source = redis_cluster.master_of_slot(slot)
+    target = next(p for p in redis_cluster.ports if p != source)
+    readers = [asyncio.create_task(test_hub.collect(cluster_broker, info.id)) for _ in range(3)]
+    async with cluster_broker.subscribe(info.id) as cursor:
+        async for event in cursor:
+            if event.seq == 20:
+                break
+    await asyncio.to_thread(redis_cluster.move_slot, slot, target)
+    assert redis_cluster.master_of_slot(slot) == target
+    for events in await asyncio.gather(*readers):
+        test_hub.check_complete(events, len(tokenize(text)))
+        assert "".join(e.data["text"] for e in events[:-1]) == text
+    assert (await cluster_broker.state(info.id)).text == text

@@ -68,7 +68,7 @@ def is_cluster_url(url: str, settings: Settings | None = None) -> bool:
     return scheme in CLUSTER_SCHEMES or bool(settings is not None and settings.redis_cluster)
 
 
-def _node_url(url: str) -> str:
+def node_url(url: str) -> str:
     """``url`` with a ``redis+cluster`` scheme turned into the plain one redis-py parses."""
     scheme, sep, rest = url.partition("://")
     return CLUSTER_SCHEMES.get(scheme.lower(), scheme) + sep + rest
@@ -105,7 +105,7 @@ class _ClusterPipeline(ClusterPipeline):
 
 def _cluster(url: str, settings: Settings, role: str, per_node: int) -> aioredis.Redis:
     client = _Cluster.from_url(
-        _node_url(url), max_connections=per_node, **_common(url, settings, role)
+        node_url(url), max_connections=per_node, **_common(url, settings, role)
     )
     return cast(aioredis.Redis, client)  # same command methods; see the module docstring
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -22,8 +23,8 @@ from broker.service import Broker
 from broker.settings import Settings
 from consumers.analytics import Analytics
 from consumers.sentences import Sentences
-from tests import test_api, test_channels, test_hub, test_idempotency, test_snapshot
-from tests.conftest import make_settings, running_server
+from tests import test_api, test_bench, test_channels, test_hub, test_idempotency, test_snapshot
+from tests.conftest import RUN_PREFIX, make_settings, running_server
 from tests.redis_cluster import LocalCluster, redis_cluster
 from tests.test_api import read_sse
 from tests.test_consumers import consumed, expected_sentences, until
@@ -328,3 +329,18 @@ async def test_a_slot_moving_to_another_master_mid_stream_loses_nothing(
         test_hub.check_complete(events, len(tokenize(text)))
         assert "".join(e.data["text"] for e in events[:-1]) == text
     assert (await cluster_broker.state(info.id)).text == text
+
+
+def test_bench_on_the_cluster(redis_cluster: LocalCluster) -> None:
+    """``tokentee bench`` against a cluster: Redis figures added up over the masters."""
+    prefix = f"{RUN_PREFIX}-{secrets.token_hex(4)}"
+    done, report = test_bench.run_bench(redis_cluster.url, prefix, "api")
+    assert done.returncode == 0, done.stderr
+    assert report["ok"] is True
+    assert report["deliveries"]["received"] == report["deliveries"]["expected"]
+    stats = report["redis"]
+    assert stats["clients_outside_broker"] >= len(redis_cluster.ports)  # a probe per master
+    assert stats["broker_connections_peak"] >= stats["broker_connections_idle"] > 0
+    assert stats["command_calls"]["evalsha"] > 0
+    with redis_cluster.client() as client:
+        assert list(client.scan_iter(match=f"{prefix}*")) == []

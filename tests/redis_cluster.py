@@ -65,6 +65,17 @@ class LocalCluster:
             return [(int(first), int(last), int(master[1]))
                     for first, last, master, *_ in node.execute_command("CLUSTER SLOTS")]
 
+    def replica_of(self, master: int) -> int:
+        """The port of a replica of the master on port ``master``."""
+        # Not from CLUSTER SLOTS: Redis 7 leaves out replicas that have no data yet.
+        with redis.Redis(port=master, decode_responses=True) as node:
+            # (as "CLUSTER", "REPLICAS": raw lines, not redis-py's parsed form)
+            lines = node.execute_command("CLUSTER", "REPLICAS", self.node_id(master))
+        for line in lines:
+            address = line.split()[1]  # ip:port@busport
+            return int(address.split("@")[0].rpartition(":")[2])
+        raise LookupError(f"master {master} has no replica")
+
     def master_of_slot(self, slot: int) -> int:
         for first, last, port in self.slot_ranges():
             if first <= slot <= last:
@@ -125,11 +136,13 @@ def _wait(condition: str, check: object, deadline: float) -> None:
         time.sleep(0.05)
 
 
-def start_cluster(server: str, cli: str, masters: int = 3) -> LocalCluster:
+def start_cluster(server: str, cli: str, masters: int = 3, replicas: int = 0) -> LocalCluster:
+    """``masters`` masters with ``replicas`` replicas each, up with every slot served and
+    every replica's link to its master up."""
     directory = Path(tempfile.mkdtemp(prefix="tokentee-cluster-"))
     cluster = LocalCluster(directory, [])
     try:
-        for _ in range(masters):
+        for _ in range(masters * (1 + replicas)):
             port = _free_node_port(cluster.ports)
             node_dir = directory / str(port)
             node_dir.mkdir()
@@ -156,7 +169,7 @@ def start_cluster(server: str, cli: str, masters: int = 3) -> LocalCluster:
         _wait("the nodes to start", all_up, deadline)
         subprocess.run(
             [cli, "--cluster", "create", *(f"127.0.0.1:{p}" for p in cluster.ports),
-             "--cluster-replicas", "0", "--cluster-yes"],
+             "--cluster-replicas", str(replicas), "--cluster-yes"],
             check=True, capture_output=True, timeout=60,
         )
 
@@ -168,6 +181,9 @@ def start_cluster(server: str, cli: str, masters: int = 3) -> LocalCluster:
                         return False
                     # every node must know every slot's owner before clients route by it
                     if len(node.execute_command("CLUSTER SLOTS")) != masters:
+                        return False
+                    role = node.info("replication")
+                    if role["role"] == "slave" and role.get("master_link_status") != "up":
                         return False
             return True
 

@@ -7,11 +7,12 @@ from __future__ import annotations
 import asyncio
 import json
 import secrets
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 import httpx
 import pytest
+import redis
 from redis.asyncio.cluster import RedisCluster
 from redis.crc import key_slot
 from redis.exceptions import RedisClusterException
@@ -25,7 +26,7 @@ from consumers.analytics import Analytics
 from consumers.sentences import Sentences
 from tests import test_api, test_bench, test_channels, test_hub, test_idempotency, test_snapshot
 from tests.conftest import RUN_PREFIX, make_settings, running_server
-from tests.redis_cluster import LocalCluster, redis_cluster
+from tests.redis_cluster import LocalCluster, cluster_binaries, redis_cluster, start_cluster
 from tests.test_api import read_sse
 from tests.test_consumers import consumed, expected_sentences, until
 
@@ -344,3 +345,45 @@ def test_bench_on_the_cluster(redis_cluster: LocalCluster) -> None:
     assert stats["command_calls"]["evalsha"] > 0
     with redis_cluster.client() as client:
         assert list(client.scan_iter(match=f"{prefix}*")) == []
+
+
+@pytest.fixture(scope="module")
+def replicated_cluster() -> Iterator[LocalCluster]:
+    binaries = cluster_binaries()
+    if binaries is None:
+        pytest.skip("no redis-server 7+ with redis-cli found to start a local Redis Cluster")
+    cluster = start_cluster(*binaries, masters=3, replicas=1)
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+async def test_a_failover_mid_stream_loses_nothing(replicated_cluster: LocalCluster) -> None:
+    """The master of a live generation's slot hands over to its replica (``CLUSTER
+    FAILOVER``) while the producer writes and the hub's read of that slot blocks on the old
+    master: the read fails or is redirected, the hub reads from the new master, and every
+    reader gets every entry once, in order."""
+    settings = make_settings(replicated_cluster.url)
+    text = " ".join(f"w{i}" for i in range(80))
+    async with Broker.open(settings) as broker:
+        info = await broker.start(GenerationRequest(
+            [{"role": "user", "content": "x"}], params={"text": text, "tokens_per_second": 40}))
+        slot = key_slot(f"{settings.key_prefix}:{{{info.id}}}:log".encode())
+        old_master = replicated_cluster.master_of_slot(slot)
+        replica = replicated_cluster.replica_of(old_master)
+        readers = [asyncio.create_task(test_hub.collect(broker, info.id)) for _ in range(3)]
+        async with broker.subscribe(info.id) as cursor:
+            async for event in cursor:
+                if event.seq == 20:
+                    break
+        with redis.Redis(port=replica) as node:
+            node.execute_command("CLUSTER FAILOVER")
+
+        async def promoted() -> bool:
+            return await asyncio.to_thread(replicated_cluster.master_of_slot, slot) == replica
+        await until(promoted, 15)
+        for events in await asyncio.gather(*readers):
+            test_hub.check_complete(events, len(tokenize(text)))
+            assert "".join(e.data["text"] for e in events[:-1]) == text
+        assert (await broker.state(info.id)).text == text

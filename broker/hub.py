@@ -406,6 +406,15 @@ class Hub:
     def _start_group(self, group: _ReadGroup) -> None:
         name = "tokentee-hub-reader" if group.slot is None else f"tokentee-hub-slot-{group.slot}"
         group.task = asyncio.create_task(self._reader(group), name=name)
+        if group.slot is not None:
+            group.task.add_done_callback(self._reader_done)
+
+    @staticmethod
+    def _reader_done(task: asyncio.Task[None]) -> None:
+        # A slot's reader that ended by itself is not awaited by ``__aexit__``: report its
+        # failure here (a bug: Redis errors are retried inside the loop).
+        if not task.cancelled() and task.exception() is not None:
+            logger.error("hub reader %s failed", task.get_name(), exc_info=task.exception())
 
     def _loaded(self, gid: str, task: asyncio.Task[_Stream]) -> None:
         if self._preparing.get(gid) is task:

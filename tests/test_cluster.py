@@ -99,6 +99,10 @@ async def test_many_generations_on_every_master_reach_every_sse_client_whole(
         return cluster_broker.hub.stream_count == len(gids)
     await until(subscribed, 10)
     assert cluster_broker.hub.read_groups == len(slots) >= 3
+
+    async def all_blocked() -> bool:
+        return all(g.blocked for g in cluster_broker.hub._groups.values())
+    await until(all_blocked, 10)  # every slot's read in flight at once, each on a connection
     for gid, tasks in readers.items():
         results = await asyncio.gather(*tasks)
         status = (await cluster_http.get(f"/v1/streams/{gid}")).json()
@@ -109,6 +113,15 @@ async def test_many_generations_on_every_master_reach_every_sse_client_whole(
             assert [int(e.id) for e in events] == list(range(1, len(events) + 1))
             assert "".join(json.loads(e.data)["text"] for e in events[:-1]) == text
             assert [(e.id, e.data) for e in events] == [(e.id, e.data) for e in results[0]]
+    # One hub connection per slot read (the documented cost), opened while the reads ran at
+    # once and kept in the client's pool; at most one more, the one the client used to load
+    # its command table.  (Counted now: a connection still in its handshake has no name.)
+    hub_connections = 0
+    for port in redis_cluster.ports:
+        with redis.Redis(port=port) as node:
+            hub_connections += sum(1 for c in node.client_list()
+                                   if c["name"] == f"{cluster_settings.key_prefix}:hub")
+    assert len(slots) <= hub_connections <= len(slots) + 1
     # A slot's reader ends with its last live stream.
     async def no_reads() -> bool:
         return cluster_broker.hub.read_groups == 0

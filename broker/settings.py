@@ -30,6 +30,10 @@ class Settings(BaseSettings):
         validation_alias=AliasChoices("TOKENTEE_REDIS_URL", "REDIS_URL", "redis_url"),
         description="Redis to use. Unset: start a private embedded redis-server.",
     )
+    redis_cluster: bool = Field(
+        default=False,
+        description="REDIS_URL names a Redis Cluster node (same as a redis+cluster:// URL).",
+    )
     key_prefix: str = Field(default="tokentee", description="Prefix of every Redis key.")
     redis_max_connections: int = Field(
         default=16, ge=2, description="Shared command pool size (blocking readers excluded)."

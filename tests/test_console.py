@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tomllib
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -314,3 +315,15 @@ async def test_readable_on_a_phone(page: Any) -> None:
         "document.documentElement.scrollWidth - document.documentElement.clientWidth")
     assert overflow <= 0
     await page.screenshot(path=screenshot_path("console-phone.png"), full_page=True)
+
+
+def test_every_static_file_is_package_data() -> None:
+    """A non-editable install ships the page: every file under broker/static matches a
+    ``package-data`` pattern of pyproject.toml."""
+    pyproject = tomllib.loads((STATIC.parent.parent / "pyproject.toml").read_text())
+    patterns = pyproject["tool"]["setuptools"]["package-data"]["broker"]
+    package = STATIC.parent
+    shipped = {p for pattern in patterns for p in package.glob(pattern)}  # as setuptools globs
+    files = {p for p in STATIC.rglob("*") if p.is_file()}
+    assert len(files) >= 6
+    assert files - shipped == set()

@@ -293,6 +293,16 @@ async def test_two_readers_a_dropped_one_and_a_late_one_see_the_same_text(
 async def test_cancel_from_the_page(page: Any, client: httpx.AsyncClient) -> None:
     gid = await start_from_page(page, max_tokens=5000, pace=20)
     await wait_for_pane(page, "A", "p.lastId >= 3")
+    # Pause holds B's events back on an open connection; Continue shows them.
+    await page.locator(".pane[data-reader=B] button.pause").click()
+    paused = await pane_state(page, "B")
+    await wait_for_pane(page, "B", f"p.held.length >= 3 && p.lastId >= {paused['lastId'] + 3}")
+    held = await pane_state(page, "B")
+    assert held["text"] == paused["text"]
+    assert "events held" in held["status"]
+    await page.locator(".pane[data-reader=B] button.pause").click()  # now "Continue"
+    await wait_for_pane(page, "B", "p.held.length === 0 && !p.paused")
+    assert len((await pane_state(page, "B"))["text"]) > len(paused["text"])
     await page.get_by_role("button", name="Cancel generation").click()
     for reader in ("A", "B"):
         await wait_for_pane(page, reader,

@@ -12,9 +12,9 @@ stats), plus:
 - ``GET /v1/console/config``: the providers and their default models, the simulated
   provider's default pace, the consumer types.
 
-When the app has an access guard (``app.state.guard`` with ``read`` and ``write``
-dependencies), these routes require read access like the rest of the API; the page itself
-and its static files are public (they hold no data).
+When the app has an access guard (``app.state.guard``), the JSON routes take its ``read``
+dependency and the sentences stream its ``events`` one, like the rest of the API; the page
+itself and its static files are public (they hold no data).
 """
 
 from __future__ import annotations
@@ -49,8 +49,10 @@ def install_console(app: FastAPI, settings: Settings) -> None:
     """Add the console's page, static files and routes to ``app`` (call it last, after any
     access guard is set on ``app.state.guard``)."""
     guard = getattr(app.state, "guard", None)
-    read_guard = getattr(guard, "read", None)
-    read: list[Any] = [Depends(read_guard)] if read_guard is not None else []
+    read: list[Any] = [Depends(guard.read)] if guard is not None else []
+    # Event streams take the guard's stream dependency: a bearer token or a read token for
+    # the generation (what a browser's EventSource can send), and a stream slot.
+    events: list[Any] = [Depends(guard.events)] if guard is not None else []
     traffic = TrafficCounts()
     app.add_middleware(SseTraffic, counts=traffic)
     figures = LiveFigures(traffic)
@@ -86,7 +88,6 @@ def install_console(app: FastAPI, settings: Settings) -> None:
             "default_provider": settings.default_provider,
             "simulated": {"tokens_per_second": DEFAULT_TOKENS_PER_SECOND},
             "consumers": settings.consumer_types,
-            "auth": guard is not None,
         }
 
     @app.get("/v1/console/figures", dependencies=read)
@@ -117,7 +118,7 @@ def install_console(app: FastAPI, settings: Settings) -> None:
         ]}
 
     @app.get(
-        "/v1/streams/{gid}/sentences/events", dependencies=read,
+        "/v1/streams/{gid}/sentences/events", dependencies=events,
         response_class=Response, response_model=None,
         responses={
             200: {"content": {"text/event-stream": {}}, "description": "The sentences."},

@@ -7,16 +7,28 @@
   const TERMINAL = ["done", "error", "cancelled"];
   const HISTORY = 60; // points kept in the broker charts (one per second)
   const TOKEN_KEY = "tokentee.token";
-  const TOKEN_PARAM = "access_token"; // how EventSource (which cannot send headers) passes it
 
   // --- access token ----------------------------------------------------------------------
 
   const token = () => sessionStorage.getItem(TOKEN_KEY) || "";
 
-  function withToken(url) {
-    const t = token();
-    if (!t) return url;
-    return url + (url.includes("?") ? "&" : "?") + TOKEN_PARAM + "=" + encodeURIComponent(t);
+  // EventSource cannot send an Authorization header: with a bearer token set, event streams
+  // are opened with a read token for their generation (?token=), which the API mints.
+  const readTokens = new Map(); // generation -> { token, until (ms) }
+
+  function keepReadToken(gid, value, expiresIn) {
+    if (value) readTokens.set(gid, { token: value, until: Date.now() + expiresIn * 1000 });
+  }
+
+  async function streamUrl(gid, path) {
+    if (!token()) return path;
+    let kept = readTokens.get(gid);
+    if (!kept || kept.until - Date.now() < 30000) {
+      const minted = await api("v1/streams/" + encodeURIComponent(gid) + "/read-token", { method: "POST" });
+      keepReadToken(gid, minted.token, minted.expires_in);
+      kept = readTokens.get(gid);
+    }
+    return path + (path.includes("?") ? "&" : "?") + "token=" + encodeURIComponent(kept.token);
   }
 
   async function api(path, options = {}) {
@@ -134,17 +146,26 @@
       this.pauseButton.addEventListener("click", () => this.togglePause());
       this.dropButton.addEventListener("click", () => this.toggleDrop());
       $("panes").appendChild(node);
-      this.connect(0);
       this.status(late ? "joined late: replaying from the start" : "reading from the start");
+      this.connect(0).catch(ignoreApiError);
     }
 
     status(text) {
       this.statusEl.textContent = text;
     }
 
-    connect(after) {
-      const url = "v1/streams/" + encodeURIComponent(this.gen) + "/events" + (after ? "?after=" + after : "");
-      const source = new EventSource(withToken(url));
+    async connect(after) {
+      const path = "v1/streams/" + encodeURIComponent(this.gen) + "/events" + (after ? "?after=" + after : "");
+      let url;
+      try {
+        url = await streamUrl(this.gen, path);
+      } catch (err) {
+        if (!(err instanceof ApiError)) throw err;
+        this.status("could not open the stream: " + err.message);
+        return;
+      }
+      if (this.closed) return;
+      const source = new EventSource(url);
       this.source = source;
       this.node.dataset.state = "reading";
       const handle = (e) => this.receive(e);
@@ -227,12 +248,13 @@
         this.resumedFrom = this.lastId;
         this.dropButton.textContent = "Drop";
         this.pauseButton.disabled = false;
-        this.connect(this.lastId);
+        this.connect(this.lastId).catch(ignoreApiError);
         this.status("resumed from id " + this.lastId);
       }
     }
 
     close() {
+      this.closed = true;
       if (this.source) this.source.close();
       this.node.remove();
     }
@@ -260,7 +282,7 @@
     if (gapChart) gapChart.reset();
     addPane(false);
     addPane(false);
-    followSentences(gid);
+    followSentences(gid).catch(ignoreApiError);
     pollStats(gid);
   }
 
@@ -285,11 +307,20 @@
     $("cancel-button").disabled = true;
   }
 
-  function followSentences(gid) {
-    const source = new EventSource(withToken("v1/streams/" + encodeURIComponent(gid) + "/sentences/events"));
+  async function followSentences(gid) {
+    $("sent-status").textContent = "Waiting for the sentence logger…";
+    let url;
+    try {
+      url = await streamUrl(gid, "v1/streams/" + encodeURIComponent(gid) + "/sentences/events");
+    } catch (err) {
+      if (!(err instanceof ApiError)) throw err;
+      $("sent-status").textContent = "Could not open the sentences: " + err.message;
+      return;
+    }
+    if (gid !== current.id) return;
+    const source = new EventSource(url);
     current.sentences = source;
     let count = 0;
-    $("sent-status").textContent = "Waiting for the sentence logger…";
     source.addEventListener("sentence", (e) => {
       const record = JSON.parse(e.data);
       const li = document.createElement("li");
@@ -323,7 +354,7 @@
       $("st-complete").textContent = s.complete ? "complete" : "at id " + s.processed_seq;
       complete = s.complete;
     } catch (err) {
-      if (!(err instanceof ApiError)) throw err;
+      ignoreApiError(err);
     }
     if (!complete) current.statsTimer = setTimeout(() => pollStats(gid), 1000);
   }
@@ -368,6 +399,7 @@
     $("start-button").disabled = true;
     try {
       const created = await api("v1/streams", { method: "POST", body: JSON.stringify(body) });
+      keepReadToken(created.id, created.read_token, created.read_token_expires_in || 0);
       notice("");
       watch(created.id);
       refreshRecent();
@@ -420,7 +452,7 @@
         lagChart.push(x, types.length ? types.map((t) => f.consumers[t].lag || 0) : [0]);
       }
     } catch (err) {
-      if (!(err instanceof ApiError) && !(err instanceof TypeError)) throw err;
+      ignoreApiError(err);
     }
     setTimeout(pollFigures, 1000);
   }
@@ -452,7 +484,7 @@
         return tr;
       }));
     } catch (err) {
-      if (!(err instanceof ApiError) && !(err instanceof TypeError)) throw err;
+      ignoreApiError(err);
     }
   }
 
@@ -491,6 +523,8 @@
     document.body.dataset.ready = "true";
   }
 
+  // An error answer (already reported on the page) or a failed fetch (the server is away:
+  // the next poll tries again); anything else is a bug and is thrown on.
   function ignoreApiError(err) {
     if (!(err instanceof ApiError) && !(err instanceof TypeError)) throw err;
   }

@@ -100,15 +100,15 @@ async def test_page_and_static_files_are_served(client: httpx.AsyncClient) -> No
     page = await client.get("/")
     assert page.status_code == 200
     assert page.headers["content-type"].startswith("text/html")
-    for asset in ("console/app.js", "console/style.css", "console/vendor/uPlot.iife.min.js",
-                  "console/vendor/uPlot.min.css"):
+    for asset in ("static/app.js", "static/style.css", "static/vendor/uPlot.iife.min.js",
+                  "static/vendor/uPlot.min.css"):
         assert f'"{asset}"' in page.text
         response = await client.get(f"/{asset}")
         assert response.status_code == 200, asset
-        assert response.content == (STATIC / asset.removeprefix("console/")).read_bytes()
-    licence = await client.get("/console/vendor/uPlot.LICENSE")
+        assert response.content == (STATIC / asset.removeprefix("static/")).read_bytes()
+    licence = await client.get("/static/vendor/uPlot.LICENSE")
     assert "MIT License" in licence.text
-    assert (await client.get("/console/nothing.js")).status_code == 404
+    assert (await client.get("/static/nothing.js")).status_code == 404
 
 
 async def test_config_lists_providers_and_the_simulated_pace(client: httpx.AsyncClient) -> None:

@@ -64,7 +64,7 @@ def install_console(app: FastAPI, settings: Settings) -> None:
     async def console_page() -> FileResponse:
         return FileResponse(STATIC_DIR / "index.html", headers={"Cache-Control": "no-cache"})
 
-    app.mount("/console", StaticFiles(directory=STATIC_DIR), name="console")
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
 
     @app.get("/v1/console/config", dependencies=read)
     async def console_config(request: Request) -> dict[str, Any]:

@@ -337,3 +337,18 @@ def test_every_static_file_is_package_data() -> None:
     files = {p for p in STATIC.rglob("*") if p.is_file()}
     assert len(files) >= 6
     assert files - shipped == set()
+
+
+@needs_chromium
+async def test_no_accessibility_violations(page: Any) -> None:
+    """axe-core's checks (the rules it runs by default: labels, names, contrast, landmarks,
+    ARIA use) on the page with a finished generation, its panes, sentences and charts."""
+    from axe_playwright_python.async_playwright import Axe
+
+    await start_from_page(page, max_tokens=40, pace=200)
+    await page.get_by_role("button", name="Add a late reader").click()
+    await wait_for_pane(page, "C", "p.finished")
+    await page.wait_for_function(
+        "document.getElementById('sent-status').textContent.startsWith('All ')")
+    results = await Axe().run(page)
+    assert results.violations_count == 0, results.generate_report()

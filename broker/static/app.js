@@ -11,6 +11,8 @@
   // --- access token ----------------------------------------------------------------------
 
   const token = () => sessionStorage.getItem(TOKEN_KEY) || "";
+  // Set by a 401/403: the pollers then wait for a token instead of asking every second.
+  let refused = false;
 
   // EventSource cannot send an Authorization header: with a bearer token set, event streams
   // are opened with a read token for their generation (?token=), which the API mints.
@@ -37,6 +39,7 @@
     if (options.body !== undefined) headers["Content-Type"] = "application/json";
     const response = await fetch(path, Object.assign({}, options, { headers }));
     if (response.status === 401 || response.status === 403) {
+      refused = true;
       notice("The server refused the request (" + response.status + "): enter an access token above.");
       throw new ApiError(response.status, "unauthorized");
     }
@@ -343,18 +346,20 @@
   async function pollStats(gid) {
     if (gid !== current.id) return;
     let complete = false;
-    try {
-      const s = await api("v1/streams/" + encodeURIComponent(gid) + "/stats");
-      if (gid !== current.id) return;
-      $("st-tokens").textContent = s.tokens;
-      $("st-ttft").textContent = ms(s.time_to_first_token_ms);
-      $("st-rate").textContent = s.tokens_per_second === null ? "–" : s.tokens_per_second.toFixed(1);
-      const g = s.inter_token_gap_ms;
-      $("st-gaps").textContent = g.count ? [g.p50, g.p95, g.max].map((v) => Math.round(v)).join(" / ") + " ms" : "–";
-      $("st-complete").textContent = s.complete ? "complete" : "at id " + s.processed_seq;
-      complete = s.complete;
-    } catch (err) {
-      ignoreApiError(err);
+    if (!refused) {
+      try {
+        const s = await api("v1/streams/" + encodeURIComponent(gid) + "/stats");
+        if (gid !== current.id) return;
+        $("st-tokens").textContent = s.tokens;
+        $("st-ttft").textContent = ms(s.time_to_first_token_ms);
+        $("st-rate").textContent = s.tokens_per_second === null ? "–" : s.tokens_per_second.toFixed(1);
+        const g = s.inter_token_gap_ms;
+        $("st-gaps").textContent = g.count ? [g.p50, g.p95, g.max].map((v) => Math.round(v)).join(" / ") + " ms" : "–";
+        $("st-complete").textContent = s.complete ? "complete" : "at id " + s.processed_seq;
+        complete = s.complete;
+      } catch (err) {
+        ignoreApiError(err);
+      }
     }
     if (!complete) current.statsTimer = setTimeout(() => pollStats(gid), 1000);
   }
@@ -434,6 +439,10 @@
   let lagChart = null;
 
   async function pollFigures() {
+    if (refused) {
+      setTimeout(pollFigures, 1000);
+      return;
+    }
     try {
       const f = await api("v1/console/figures");
       $("fg-active").textContent = f.active_generations;
@@ -489,7 +498,7 @@
   }
 
   async function pollRecent() {
-    await refreshRecent();
+    if (!refused) await refreshRecent();
     setTimeout(pollRecent, 2000);
   }
 
@@ -500,6 +509,8 @@
     $("token-form").addEventListener("submit", (e) => {
       e.preventDefault();
       sessionStorage.setItem(TOKEN_KEY, $("token").value.trim());
+      readTokens.clear();
+      refused = false;
       notice("");
       loadConfig().catch(ignoreApiError);
     });

@@ -287,6 +287,11 @@ async def test_two_readers_a_dropped_one_and_a_late_one_see_the_same_text(
     assert await page.locator("#gen-status").text_content() == "done"
     assert await page.locator(".u-wrap").count() == 4  # the four charts are drawn
     await page.screenshot(path=screenshot_path("console.png"), full_page=True)
+    # Watching it again from the list replays the finished generation in fresh panes.
+    await page.get_by_role("button", name=f"Watch generation {gid}").click()
+    for reader in ("A", "B"):
+        await wait_for_pane(page, reader, "p.finished && p.resumedFrom === null")
+        assert (await pane_state(page, reader))["text"] == server_text
 
 
 @needs_chromium

@@ -39,11 +39,17 @@ def find_chromium() -> str | None:
 
 
 CHROMIUM = find_chromium()
-needs_chromium = pytest.mark.skipif(
+_skip_without_chromium = pytest.mark.skipif(
     CHROMIUM is None,
     reason="no system Chromium (install Debian's chromium package, or set TOKENTEE_CHROMIUM);"
     " Playwright is never allowed to download one",
 )
+
+
+def needs_chromium(test: Any) -> Any:
+    """A browser test: skipped without Chromium, and given more time than the suite's
+    default (a browser start on a loaded machine takes seconds)."""
+    return pytest.mark.timeout(150)(_skip_without_chromium(test))
 
 
 @pytest.fixture

@@ -46,6 +46,8 @@ from broker.errors import GenerationNotFound, InvalidResumePoint
 from broker.events import Event
 from broker.keys import entry_id
 from broker.log import GenerationLog, StreamEntry, XReadReply, decode_entries
+from broker.logs import generation_context
+from broker.metrics import BrokerMetrics
 from broker.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -219,10 +221,12 @@ class Hub:
     """Per-process fan-out from the log to cursors.  Use as an async context manager."""
 
     def __init__(
-        self, log: GenerationLog, block_redis: aioredis.Redis, settings: Settings
+        self, log: GenerationLog, block_redis: aioredis.Redis, settings: Settings,
+        metrics: BrokerMetrics | None = None,
     ) -> None:
         self.log = log
         self.settings = settings
+        self.metrics = metrics or BrokerMetrics()
         self._block_redis = block_redis
         self._id = secrets.token_hex(8)
         self._wake_key = log.keyspace.hub_wake(self._id)
@@ -263,6 +267,12 @@ class Hub:
             await self.log.redis.delete(self._wake_key)
 
     # --- public API ----------------------------------------------------------------------------
+
+    @property
+    def running(self) -> bool:
+        """True while the hub's reader and reaper tasks run (false before ``__aenter__``,
+        after ``__aexit__``, or if one of them died)."""
+        return bool(self._tasks) and not any(task.done() for task in self._tasks)
 
     @property
     def stream_count(self) -> int:
@@ -379,6 +389,7 @@ class Hub:
                 await pipe.execute()
         except RedisError as exc:
             logger.warning("hub wake failed (%s); new stream joins at the next read", exc)
+            self.metrics.redis_error("hub_wake")
 
     # --- the reader ----------------------------------------------------------------------------
 
@@ -391,6 +402,7 @@ class Hub:
                 backoff = 0.1
             except RedisError as exc:
                 # Any Redis failure: a dead reader would leave every cursor waiting.
+                self.metrics.redis_error("hub_read")
                 logger.warning("hub read failed (%s); retrying in %.1fs", exc, backoff)
                 await asyncio.sleep(backoff)  # reconnect backoff, not a data poll
                 backoff = min(backoff * 2, 5.0)
@@ -403,9 +415,10 @@ class Hub:
         # stream attached after this point finds ``_blocked`` set and wakes the read.
         self._blocked = True
         try:
-            reply = cast(XReadReply | None, await self._block_redis.xread(
-                names, block=self.settings.block_ms, count=self.settings.catchup_batch
-            ))
+            with self.metrics.hub_read_seconds.time():
+                reply = cast(XReadReply | None, await self._block_redis.xread(
+                    names, block=self.settings.block_ms, count=self.settings.catchup_batch
+                ))
         finally:
             self._blocked = False
         self.reads += 1
@@ -445,7 +458,8 @@ class Hub:
         stream = self._streams.get(gid)
         if stream is None or not stream.live:
             return
-        logger.warning("generation %s vanished from Redis; ending its readers", gid)
+        with generation_context(gid):
+            logger.warning("generation %s vanished from Redis; ending its readers", gid)
         self._deliver(stream, [_lost(stream.head + 1)])
 
     # --- the reaper ----------------------------------------------------------------------------
@@ -467,4 +481,5 @@ class Hub:
                     if not ok and await self.log.reap_if_orphaned(gid) == "missing":
                         self._lose(gid)
             except RedisError as exc:  # OOM, READONLY, ...: retried at the next check
+                self.metrics.redis_error("reaper")
                 logger.warning("reaper check failed: %s", exc)

@@ -27,6 +27,8 @@ from broker.connections import raise_if_cancelled
 from broker.errors import IdempotencyConflict, ShuttingDown
 from broker.keys import new_generation_id
 from broker.log import GenerationLog, StreamEntry, XReadReply
+from broker.logs import generation_context
+from broker.metrics import BrokerMetrics
 from broker.producer import Producer
 from broker.providers import ProviderRegistry
 from broker.providers.base import GenerationRequest
@@ -55,8 +57,10 @@ class GenerationManager:
     def __init__(
         self, log: GenerationLog, providers: ProviderRegistry, settings: Settings,
         control_redis: aioredis.Redis, gate: ConsumerGate | None = None,
+        metrics: BrokerMetrics | None = None,
     ) -> None:
         self.log = log
+        self.metrics = metrics or BrokerMetrics()
         self.providers = providers
         self.settings = settings
         self.owner = f"p-{secrets.token_hex(8)}"
@@ -143,9 +147,10 @@ class GenerationManager:
                     await self.log.swap_idempotency(idempotency_key, reservation, None, ttl)
             raise
         producer = Producer(self.log, gid, provider, request, self.settings, self.owner,
-                            self.gate)
+                            self.gate, self.metrics)
         task = asyncio.create_task(producer.run(), name=f"tokentee-producer-{gid}")
         self._producers[gid] = (producer, task)
+        self.metrics.active_generations += 1
         task.add_done_callback(lambda _t, gid=gid: self._producer_done(gid))  # type: ignore[misc]
         return GenerationInfo(id=gid, provider=name, model=model, created=created)
 
@@ -185,9 +190,11 @@ class GenerationManager:
         entry = self._producers.pop(gid, None)
         if entry is None:
             return
+        self.metrics.active_generations -= 1
         task = entry[1]
         if not task.cancelled() and task.exception() is not None:
-            logger.error("producer %s crashed", gid, exc_info=task.exception())
+            with generation_context(gid):
+                logger.error("producer %s crashed", gid, exc_info=task.exception())
 
     def cancel_local(self, gid: str, reason: str = "requested") -> bool:
         """Cancel ``gid`` if its producer runs in this process."""
@@ -214,6 +221,7 @@ class GenerationManager:
                     {key: last_id}, block=self.settings.block_ms, count=100
                 ))
             except RedisError as exc:  # connection, OOM, READONLY...: back off, retry
+                self.metrics.redis_error("control_read")
                 logger.warning("control stream read failed (%s); retrying", exc)
                 await asyncio.sleep(0.5)  # back off before reconnecting, not a data poll
                 continue
@@ -225,7 +233,8 @@ class GenerationManager:
                     if op == b"cancel":
                         reason = fields.get(b"reason", b"requested").decode()
                         if self.cancel_local(gid, reason):
-                            logger.info("cancelling generation %s (%s)", gid, reason)
+                            with generation_context(gid):
+                                logger.info("cancelling generation %s (%s)", gid, reason)
                     elif op == b"progress" and self.gate is not None:
                         self.gate.notify(gid)
 
@@ -246,6 +255,7 @@ class GenerationManager:
                         pipe.set(self.log.keys(gid).lease, self.owner, px=lease_ms, xx=True)
                     await pipe.execute()
             except RedisError as exc:  # retried at the next interval, well within the lease
+                self.metrics.redis_error("lease_renew")
                 logger.warning("lease renewal failed: %s", exc)
 
     async def aclose(self) -> None:

@@ -10,6 +10,7 @@ import threading
 from collections.abc import Iterator
 
 import uvicorn
+from uvicorn.config import LOGGING_CONFIG
 
 from broker.api import create_app
 from broker.connections import check_reachable, command_client
@@ -52,8 +53,11 @@ def build_server(
 ) -> TokenteeServer:
     shutdown = asyncio.Event()
     app = create_app(settings, broker=broker, shutdown=shutdown)
+    # JSON logs: uvicorn's loggers go through the root handler that configure_logging()
+    # installed, instead of uvicorn's own text handlers.
+    log_config = None if settings.log_format == "json" else LOGGING_CONFIG
     config = uvicorn.Config(
-        app, host=settings.host, port=settings.port, log_level=log_level,
+        app, host=settings.host, port=settings.port, log_level=log_level, log_config=log_config,
         access_log=access_log, lifespan="on",
         timeout_graceful_shutdown=int(settings.shutdown_grace_seconds) + 5,
     )

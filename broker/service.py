@@ -30,6 +30,7 @@ from broker.hub import Cursor, Hub
 from broker.keys import entry_id, is_channel, is_generation_id, seq_of
 from broker.log import GenerationLog, GenerationMeta, XReadReply
 from broker.manager import GenerationInfo, GenerationManager
+from broker.metrics import BrokerMetrics
 from broker.providers import ProviderRegistry
 from broker.providers.base import GenerationRequest
 from broker.settings import Settings
@@ -55,9 +56,12 @@ class Broker:
 
     def __init__(
         self, settings: Settings, redis: aioredis.Redis, log: GenerationLog, hub: Hub,
-        manager: GenerationManager, url: str,
+        manager: GenerationManager, url: str, metrics: BrokerMetrics | None = None,
     ) -> None:
         self.settings = settings
+        # This process's figures (GET /metrics; snapshot() for dashboards), shared with the
+        # hub and the manager that :meth:`open` built.
+        self.metrics = metrics or manager.metrics
         self.redis = redis
         self.log = log
         self.hub = hub
@@ -95,7 +99,8 @@ class Broker:
             registry = providers or ProviderRegistry.from_settings(settings)
             stack.push_async_callback(registry.aclose)
             log = GenerationLog.for_settings(redis, settings)
-            hub = await stack.enter_async_context(Hub(log, hub_redis, settings))
+            metrics = BrokerMetrics()
+            hub = await stack.enter_async_context(Hub(log, hub_redis, settings, metrics))
             gate = await stack.enter_async_context(
                 ConsumerGate(redis, log.keyspace, settings)
             )
@@ -105,9 +110,9 @@ class Broker:
             if workers and gate.enabled:
                 await gate.refresh()  # our own workers just checked in: count them at once
             manager = await stack.enter_async_context(
-                GenerationManager(log, registry, settings, control_redis, gate)
+                GenerationManager(log, registry, settings, control_redis, gate, metrics)
             )
-            broker = cls(settings, redis, log, hub, manager, url)
+            broker = cls(settings, redis, log, hub, manager, url, metrics)
             broker.gate = gate
             broker.workers = workers
             yield broker

@@ -9,6 +9,7 @@ the ``TOKENTEE_`` prefix; the few names that users already know from other tools
 from __future__ import annotations
 
 import re
+from typing import Literal
 
 from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -117,6 +118,16 @@ class Settings(BaseSettings):
     )
     max_body_bytes: int = Field(default=1_000_000, ge=1_024)
 
+    # --- operations --------------------------------------------------------------------
+    log_format: Literal["text", "json"] = Field(
+        default="text",
+        description="'json': one JSON object per log line, with generation_id where there is"
+        " one (also --log-format).",
+    )
+    ready_timeout_seconds: float = Field(
+        default=1.0, gt=0, description="How long GET /readyz waits for Redis to answer PING."
+    )
+
     # --- upstream ----------------------------------------------------------------------
     openai_base_url: str = Field(
         default="https://api.openai.com/v1",
@@ -170,6 +181,28 @@ class Settings(BaseSettings):
         description="Let the upstream HTTP client use HTTP(S)_PROXY, NO_PROXY and SSL_CERT_FILE"
         " from the environment (the API key then goes through that proxy).",
     )
+
+    @classmethod
+    def env_names(cls) -> list[str]:
+        """Every environment variable the settings read, in field order: ``TOKENTEE_<FIELD>``
+        for each field, and after it the unprefixed alias a field also accepts
+        (``REDIS_URL``, ``OPENAI_API_KEY``, ...)."""
+        return [name for names in cls.env_names_by_field().values() for name in names]
+
+    @classmethod
+    def env_names_by_field(cls) -> dict[str, list[str]]:
+        """The environment variables of each field (see :meth:`env_names`)."""
+        prefix = cls.model_config.get("env_prefix", "")
+        out: dict[str, list[str]] = {}
+        for field, info in cls.model_fields.items():
+            alias = info.validation_alias
+            if isinstance(alias, AliasChoices):
+                # The field's own name is also a choice (for keyword construction), not an
+                # environment variable.
+                out[field] = [c for c in alias.choices if isinstance(c, str) and c != field]
+            else:
+                out[field] = [f"{prefix}{field}".upper()]
+        return out
 
     @field_validator("key_prefix")
     @classmethod

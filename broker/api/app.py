@@ -40,6 +40,7 @@ from broker.formats import NATIVE, AISDKParts, Encoder, OpenAIChunks, completion
 from broker.keys import is_channel, is_generation_id
 from broker.log import GenerationMeta
 from broker.providers.base import GenerationRequest
+from broker.readiness import readiness
 from broker.service import Broker
 from broker.settings import Settings
 from broker.sse import EventStreamResponse, parse_resume_id
@@ -98,6 +99,7 @@ def create_app(
 
     @app.exception_handler(RedisError)
     async def _redis_down(request: Request, exc: RedisError) -> JSONResponse:
+        request.app.state.broker.metrics.redis_error("api")
         logger.error("redis error while serving %s: %s", request.url.path, exc)
         return JSONResponse({"detail": "storage unavailable"}, status_code=503)
 
@@ -224,7 +226,7 @@ def create_app(
         return EventStreamResponse(
             cursor, release, heartbeat=settings.heartbeat_seconds,
             send_timeout=settings.send_timeout_seconds, shutdown=request.app.state.shutdown,
-            encoder=encoder, headers=headers, lead=lead,
+            encoder=encoder, headers=headers, lead=lead, metrics=b.metrics,
         )
 
     @app.get("/v1/channels/{name}/events", response_class=Response, response_model=None)
@@ -251,6 +253,7 @@ def create_app(
         return EventStreamResponse(
             cursor, release, heartbeat=settings.heartbeat_seconds,
             send_timeout=settings.send_timeout_seconds, shutdown=request.app.state.shutdown,
+            metrics=b.metrics,
         )
 
     @app.post("/v1/chat/completions", response_model=None)
@@ -335,15 +338,22 @@ def create_app(
         """Prometheus metrics: analytics totals, consumer liveness, lag and dead letters."""
         b = get_broker(request)
         body = await render_metrics(b.redis, b.log.keyspace, settings)
-        return Response(body, media_type=CONTENT_TYPE_LATEST)
+        return Response(body + b.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/readyz", responses={503: {"description": "A readiness check failed."}})
+    async def readyz(request: Request) -> JSONResponse:
+        """Readiness: 200 if every check passes, else 503 naming the checks that failed."""
+        checks = await readiness(get_broker(request))
+        failed = [name for name, outcome in checks.items() if outcome != "ok"]
+        if failed:
+            return JSONResponse({"status": "unavailable", "failed": failed, "checks": checks},
+                                status_code=503)
+        return JSONResponse({"status": "ready", "checks": checks})
 
     @app.get("/healthz")
     async def healthz(request: Request) -> JSONResponse:
+        """Liveness: this process serves HTTP.  No Redis call (that is /readyz)."""
         b = get_broker(request)
-        try:
-            await b.redis.ping()
-        except RedisError as exc:
-            return JSONResponse({"status": "unavailable", "redis": str(exc)}, status_code=503)
         return JSONResponse(
             {
                 "status": "ok",

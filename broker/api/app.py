@@ -15,6 +15,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from redis.exceptions import RedisError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from broker.api.console import install_console
 from broker.api.schemas import (
     CancelAccepted,
     ChatCompletionRequest,
@@ -421,6 +422,7 @@ def create_app(
             }
         )
 
+    install_console(app, settings)
     return app
 
 

@@ -32,6 +32,7 @@ from broker.events import Event
 from broker.formats import native_frame
 from broker.keys import is_generation_id
 from broker.log import XReadReply
+from broker.logs import set_generation
 
 if TYPE_CHECKING:
     from broker.service import Broker
@@ -97,6 +98,7 @@ async def follow_channel(
     waiting: deque[tuple[str, str]] = deque()  # announcements not taken in yet
 
     async def pump(gid: str, after: int) -> None:
+        set_generation(gid)  # this task follows gid alone: its log lines say so
         while True:
             try:
                 async with broker.subscribe(gid, after) as cursor:

@@ -2,7 +2,10 @@
 
 All keys of one generation carry the generation id as their Redis Cluster hash tag
 (``<prefix>:{<id>}:...``), so the multi-key scripts that append entries and finish a
-generation touch a single hash slot.  Process-wide keys (catalog, control stream) have no tag.
+generation touch a single hash slot.  Process-wide keys (catalog, control stream, channels,
+idempotency keys) have no tag: each is one key in a slot of its own, and no command names one
+of them together with a generation's keys.  The few global keys that one script writes
+together share a tag of their own (the consumers' liveness hashes; a type's totals).
 """
 
 from __future__ import annotations
@@ -157,6 +160,12 @@ class Keyspace:
         their members; a crashed replica's age out."""
         return f"{self.prefix}:sse:{hashlib.sha256(client.encode()).hexdigest()[:32]}"
 
-    def hub_wake(self, hub_id: str) -> str:
-        """Private stream a hub includes in its blocking read, to be woken for new streams."""
-        return f"{self.prefix}:hub:{hub_id}:wake"
+    def hub_wake(self, hub_id: str, tag: str | None = None) -> str:
+        """Private stream a hub includes in its blocking read, to be woken for new streams.
+
+        On a cluster a hub reads each hash slot separately, and the wake stream of a slot's
+        read must be in that slot: ``tag`` is then the id of a generation in the slot, used
+        as the key's hash tag."""
+        if tag is None:
+            return f"{self.prefix}:hub:{hub_id}:wake"
+        return f"{self.prefix}:{{{tag}}}:hub:{hub_id}:wake"

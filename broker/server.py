@@ -10,6 +10,7 @@ import threading
 from collections.abc import Iterator
 
 import uvicorn
+from uvicorn.config import LOGGING_CONFIG
 
 from broker.api import create_app
 from broker.auth import install_redaction, warn_if_open
@@ -53,8 +54,11 @@ def build_server(
 ) -> TokenteeServer:
     shutdown = asyncio.Event()
     app = create_app(settings, broker=broker, shutdown=shutdown)
+    # JSON logs: uvicorn's loggers go through the root handler that configure_logging()
+    # installed, instead of uvicorn's own text handlers.
+    log_config = None if settings.log_format == "json" else LOGGING_CONFIG
     config = uvicorn.Config(
-        app, host=settings.host, port=settings.port, log_level=log_level,
+        app, host=settings.host, port=settings.port, log_level=log_level, log_config=log_config,
         access_log=access_log, lifespan="on",
         # X-Forwarded-For/-Proto from TOKENTEE_TRUSTED_PROXIES only (uvicorn's default
         # trusts loopback, which would let any local process pose as any client).

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+from typing import Literal
 
 from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -28,6 +29,10 @@ class Settings(BaseSettings):
         default=None,
         validation_alias=AliasChoices("TOKENTEE_REDIS_URL", "REDIS_URL", "redis_url"),
         description="Redis to use. Unset: start a private embedded redis-server.",
+    )
+    redis_cluster: bool = Field(
+        default=False,
+        description="REDIS_URL names a Redis Cluster node (same as a redis+cluster:// URL).",
     )
     key_prefix: str = Field(default="tokentee", description="Prefix of every Redis key.")
     redis_max_connections: int = Field(
@@ -58,7 +63,16 @@ class Settings(BaseSettings):
     )
     catalog_maxlen: int = Field(default=100_000, ge=100)
     control_maxlen: int = Field(default=10_000, ge=100)
-    shutdown_grace_seconds: float = Field(default=5.0, ge=0)
+    shutdown_grace_seconds: float = Field(
+        default=5.0, ge=0,
+        description="On SIGTERM, how long running generations get to finish before they end"
+        " with error/shutdown.",
+    )
+    watchdog: bool = Field(
+        default=True,
+        description="Run the lease watchdog: end any replica's generation whose producer lost"
+        " its lease with error/producer_lost, even when nobody reads it.",
+    )
 
     # --- durable consumers and backpressure --------------------------------------------
     max_lag: int = Field(
@@ -162,6 +176,16 @@ class Settings(BaseSettings):
         description="Characters of a request's messages (prompt included): 413 beyond.",
     )
 
+    # --- operations --------------------------------------------------------------------
+    log_format: Literal["text", "json"] = Field(
+        default="text",
+        description="'json': one JSON object per log line, with generation_id where there is"
+        " one (also --log-format).",
+    )
+    ready_timeout_seconds: float = Field(
+        default=1.0, gt=0, description="How long GET /readyz waits for Redis to answer PING."
+    )
+
     # --- upstream ----------------------------------------------------------------------
     openai_base_url: str = Field(
         default="https://api.openai.com/v1",
@@ -215,6 +239,28 @@ class Settings(BaseSettings):
         description="Let the upstream HTTP client use HTTP(S)_PROXY, NO_PROXY and SSL_CERT_FILE"
         " from the environment (the API key then goes through that proxy).",
     )
+
+    @classmethod
+    def env_names(cls) -> list[str]:
+        """Every environment variable the settings read, in field order: ``TOKENTEE_<FIELD>``
+        for each field, and after it the unprefixed alias a field also accepts
+        (``REDIS_URL``, ``OPENAI_API_KEY``, ...)."""
+        return [name for names in cls.env_names_by_field().values() for name in names]
+
+    @classmethod
+    def env_names_by_field(cls) -> dict[str, list[str]]:
+        """The environment variables of each field (see :meth:`env_names`)."""
+        prefix = cls.model_config.get("env_prefix", "")
+        out: dict[str, list[str]] = {}
+        for field, info in cls.model_fields.items():
+            alias = info.validation_alias
+            if isinstance(alias, AliasChoices):
+                # The field's own name is also a choice (for keyword construction), not an
+                # environment variable.
+                out[field] = [c for c in alias.choices if isinstance(c, str) and c != field]
+            else:
+                out[field] = [f"{prefix}{field}".upper()]
+        return out
 
     @field_validator("key_prefix")
     @classmethod

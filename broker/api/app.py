@@ -15,6 +15,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from redis.exceptions import RedisError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from broker.api.console import install_console
 from broker.api.schemas import (
     CancelAccepted,
     ChatCompletionRequest,
@@ -43,6 +44,7 @@ from broker.keys import is_channel, is_generation_id
 from broker.limits import prompt_chars
 from broker.log import GenerationMeta
 from broker.providers.base import GenerationRequest
+from broker.readiness import readiness
 from broker.service import Broker
 from broker.settings import Settings
 from broker.sse import EventStreamResponse, parse_resume_id
@@ -75,11 +77,16 @@ def create_app(
         types = [load_consumer_type(name, settings) for name in settings.consumer_types]
         async with Broker.open(settings, consumers=types) as own:
             app.state.broker = own
+            # The server's shutdown (SIGTERM) drains the broker at once, while uvicorn still
+            # waits for open requests: new generations get 503 from then on.
+            drainer = asyncio.create_task(_drain_on(shutdown_event, own), name="tokentee-drain-on")
             try:
                 async with guard.started(own):
                     yield
             finally:
                 shutdown_event.set()
+                drainer.cancel()
+                await asyncio.gather(drainer, return_exceptions=True)
 
     app = FastAPI(
         title="tokentee",
@@ -108,6 +115,7 @@ def create_app(
 
     @app.exception_handler(RedisError)
     async def _redis_down(request: Request, exc: RedisError) -> JSONResponse:
+        request.app.state.broker.metrics.redis_error("api")
         logger.error("redis error while serving %s: %s", request.url.path, exc)
         return JSONResponse({"detail": "storage unavailable"}, status_code=503)
 
@@ -270,7 +278,7 @@ def create_app(
         return EventStreamResponse(
             cursor, release, heartbeat=settings.heartbeat_seconds,
             send_timeout=settings.send_timeout_seconds, shutdown=request.app.state.shutdown,
-            encoder=encoder, headers=headers, lead=lead,
+            encoder=encoder, headers=headers, lead=lead, metrics=b.metrics,
         )
 
     @app.get("/v1/channels/{name}/events", response_class=Response, response_model=None,
@@ -298,6 +306,7 @@ def create_app(
         return EventStreamResponse(
             cursor, release, heartbeat=settings.heartbeat_seconds,
             send_timeout=settings.send_timeout_seconds, shutdown=request.app.state.shutdown,
+            metrics=b.metrics,
         )
 
     @app.post("/v1/chat/completions", response_model=None, dependencies=[write])
@@ -388,15 +397,22 @@ def create_app(
         """Prometheus metrics: analytics totals, consumer liveness, lag and dead letters."""
         b = get_broker(request)
         body = await render_metrics(b.redis, b.log.keyspace, settings)
-        return Response(body, media_type=CONTENT_TYPE_LATEST)
+        return Response(body + b.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/readyz", responses={503: {"description": "A readiness check failed."}})
+    async def readyz(request: Request) -> JSONResponse:
+        """Readiness: 200 if every check passes, else 503 naming the checks that failed."""
+        checks = await readiness(get_broker(request))
+        failed = [name for name, outcome in checks.items() if outcome != "ok"]
+        if failed:
+            return JSONResponse({"status": "unavailable", "failed": failed, "checks": checks},
+                                status_code=503)
+        return JSONResponse({"status": "ready", "checks": checks})
 
     @app.get("/healthz")
     async def healthz(request: Request) -> JSONResponse:
+        """Liveness: this process serves HTTP.  No Redis call (that is /readyz)."""
         b = get_broker(request)
-        try:
-            await b.redis.ping()
-        except RedisError as exc:
-            return JSONResponse({"status": "unavailable", "redis": str(exc)}, status_code=503)
         return JSONResponse(
             {
                 "status": "ok",
@@ -406,7 +422,13 @@ def create_app(
             }
         )
 
+    install_console(app, settings)
     return app
+
+
+async def _drain_on(shutdown: asyncio.Event, broker: Broker) -> None:
+    await shutdown.wait()
+    broker.drain()
 
 
 def _openai_error(status: int, message: str, param: str | None) -> JSONResponse:

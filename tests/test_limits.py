@@ -11,10 +11,12 @@ from typing import Any
 import httpx
 import pytest
 import redis.asyncio as aioredis
+from fastapi.routing import APIRoute
 from hypothesis import HealthCheck, given
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 
+from broker.api import create_app
 from broker.channels import ChannelPosition
 from broker.errors import InvalidResumePoint, TooManyStreams
 from broker.keys import Keyspace, new_generation_id
@@ -278,6 +280,22 @@ async def test_malformed_resume_points_are_400_everywhere(http: httpx.AsyncClien
     for bad in ("abc", "-1", "1.5"):
         response = await http.get(f"/v1/streams/{gid}/sentences", params={"after": bad})
         assert response.status_code == 400, bad
+
+
+async def test_every_event_stream_route_refuses_a_malformed_resume_point(
+    http: httpx.AsyncClient, settings: Settings
+) -> None:
+    """Event-stream routes added later are covered too: every route that ends in /events."""
+    gid = await start(http, max_tokens=2, tokens_per_second=500)
+    paths = [r.path for r in create_app(settings).routes
+             if isinstance(r, APIRoute) and r.path.endswith("/events")]
+    assert len(paths) >= 2
+    for path in paths:
+        url = path.replace("{gid}", gid).replace("{name}", "c1")
+        for bad in ("abc", "1-", "x" * 70):
+            assert (await http.get(url, params={"after": bad})).status_code == 400, (path, bad)
+            response = await http.get(url, headers={"Last-Event-ID": bad})
+            assert response.status_code == 400, (path, bad)
 
 
 @given(st.text(max_size=40))

@@ -15,9 +15,11 @@ from fastapi.routing import APIRoute
 from hypothesis import HealthCheck, given
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
+from redis.crc import key_slot
 
 from broker.api import create_app
 from broker.channels import ChannelPosition
+from broker.connections import command_client
 from broker.errors import InvalidResumePoint, TooManyStreams
 from broker.keys import Keyspace, new_generation_id
 from broker.limits import ConnectionSlots, prompt_chars
@@ -25,6 +27,9 @@ from broker.service import Broker
 from broker.settings import Settings
 from broker.sse import parse_resume_id
 from tests.conftest import delete_prefix, make_settings, running_server
+from tests.redis_cluster import LocalCluster, redis_cluster
+
+__all__ = ["redis_cluster"]  # the fixture, imported for pytest
 
 SLOW = {"max_tokens": 1_000, "tokens_per_second": 2}
 
@@ -245,6 +250,32 @@ async def test_slots_of_a_crashed_replica_age_out(settings: Settings) -> None:
     finally:
         for hold in holds:  # not left for the garbage collector to finish
             await hold.__aexit__(None, None, None)
+        await client.aclose()
+
+
+async def test_slots_on_a_cluster(redis_cluster: LocalCluster) -> None:
+    """Each client's set is one key, so the scripts work on any master of a cluster."""
+    settings = make_settings(redis_cluster.url)
+    client = command_client(redis_cluster.url, settings)
+    slots = ConnectionSlots(client, Keyspace(settings.key_prefix), 1)
+    clients = [f"a:10.0.0.{i}" for i in range(12)]  # their keys spread over the masters
+    masters = {redis_cluster.master_of_slot(key_slot(slots.keyspace.sse_slots(c).encode()))
+               for c in clients}
+    try:
+        assert len(masters) > 1
+        async with contextlib.AsyncExitStack() as held:
+            for name in clients:
+                await held.enter_async_context(slots.hold(name))
+            assert slots.held() == len(clients)
+            await slots.refresh()
+            for name in clients:
+                with pytest.raises(TooManyStreams):
+                    async with slots.hold(name):
+                        pass
+        assert slots.held() == 0
+        for name in clients:
+            assert await client.zcard(slots.keyspace.sse_slots(name)) == 0
+    finally:
         await client.aclose()
 
 

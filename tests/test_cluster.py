@@ -186,6 +186,8 @@ async def test_durable_consumers_process_generations_on_every_master(
             await consumed(broker.consumer_store, gid, "sentences", "analytics")
             body = (await http.get(f"/v1/streams/{gid}/sentences")).json()
             assert [s["text"] for s in body["sentences"]] == expected_sentences(text)
+            records = [r async for r in broker.records(gid, "sentences")]  # blocking XREAD
+            assert [r["text"] for r in records] == expected_sentences(text)
             stats = (await http.get(f"/v1/streams/{gid}/stats")).json()
             assert stats["tokens"] == len(tokenize(text))
             assert stats["complete"] is True
@@ -194,6 +196,13 @@ async def test_durable_consumers_process_generations_on_every_master(
             totals = await broker.consumer_store.totals("analytics")
             return totals.get("generations|done|stop|simulated|simulated-1") == len(gids)
         await until(added)  # totals are added after the checkpoint
+        # The catalog (a global key) announced every one of them.
+        announced = []
+        async for announcement in broker.generations(after="0"):
+            announced.append(announcement.id)
+            if len(announced) == len(gids):
+                break
+        assert sorted(announced) == sorted(gids)
 
 
 async def test_the_wire_format_xread_loop_per_slot(

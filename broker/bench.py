@@ -202,7 +202,11 @@ async def _via_sse(settings: Settings, url: str, run: _Run, limit: float) -> dic
     env = {**os.environ, "REDIS_URL": url, "TOKENTEE_REDIS_URL": url,
            "TOKENTEE_KEY_PREFIX": settings.key_prefix, "TOKENTEE_HOST": "127.0.0.1",
            "TOKENTEE_CONSUMERS": "sentences,analytics" if run.consumers else "",
-           "TOKENTEE_SENTENCES_SINK": "off"}
+           "TOKENTEE_SENTENCES_SINK": "off",
+           # Its own loopback server, every reader from this one process: no auth, no
+           # per-client or per-process caps to measure around.
+           "TOKENTEE_API_TOKENS": "", "TOKENTEE_MAX_SSE_PER_CLIENT": "0",
+           "TOKENTEE_MAX_ACTIVE_GENERATIONS": "0"}
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "broker", "serve", "--port", str(port), "--log-level", "warning",
         env=env, stdout=asyncio.subprocess.DEVNULL,  # uvicorn's access log; stdout is ours

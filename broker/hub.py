@@ -28,7 +28,9 @@ Entries that the log no longer holds (trimmed, expired) are reported to the read
 ``gap`` event, never skipped silently.
 
 The hub also reaps generations whose producer died: a live stream that is silent for a lease
-period and has no lease left is ended with ``error``/``producer_lost``.
+period and has no lease left is ended with ``error``/``producer_lost`` (unless built with
+``reap=False``, as in consumer worker processes; the API replicas' watchdogs, which follow
+every generation whether read or not, usually get there first).
 """
 
 from __future__ import annotations
@@ -54,6 +56,8 @@ from broker.errors import GenerationNotFound, InvalidResumePoint
 from broker.events import Event
 from broker.keys import entry_id
 from broker.log import GenerationLog, StreamEntry, XReadReply, decode_entries
+from broker.logs import generation_context
+from broker.metrics import BrokerMetrics
 from broker.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -246,10 +250,15 @@ class Hub:
     """Per-process fan-out from the log to cursors.  Use as an async context manager."""
 
     def __init__(
-        self, log: GenerationLog, block_redis: aioredis.Redis, settings: Settings
+        self, log: GenerationLog, block_redis: aioredis.Redis, settings: Settings,
+        metrics: BrokerMetrics | None = None, *, reap: bool = True,
     ) -> None:
         self.log = log
+        # False in consumer worker processes: they end nobody's generation (that is the
+        # API replicas' watchdog's job), they only notice one whose keys vanished.
+        self.reap = reap
         self.settings = settings
+        self.metrics = metrics or BrokerMetrics()
         self._block_redis = block_redis
         self._id = secrets.token_hex(8)
         self._cluster = isinstance(block_redis, RedisCluster)
@@ -294,6 +303,12 @@ class Hub:
                     await self.log.redis.delete(group.wake_key)
 
     # --- public API ----------------------------------------------------------------------------
+
+    @property
+    def running(self) -> bool:
+        """True while the hub's reader and reaper tasks run (false before ``__aenter__``,
+        after ``__aexit__``, or if one of them died)."""
+        return bool(self._tasks) and not any(task.done() for task in self._tasks)
 
     @property
     def stream_count(self) -> int:
@@ -453,6 +468,7 @@ class Hub:
                 await pipe.execute()
         except (RedisError, RedisClusterException) as exc:
             logger.warning("hub wake failed (%s); new stream joins at the next read", exc)
+            self.metrics.redis_error("hub_wake")
 
     # --- the reader ----------------------------------------------------------------------------
 
@@ -469,6 +485,7 @@ class Hub:
                 except (RedisError, RedisClusterException) as exc:
                     # Any Redis failure (on a cluster also a failover, or a slot that no
                     # node serves for a moment): a dead reader would leave cursors waiting.
+                    self.metrics.redis_error("hub_read")
                     logger.warning("hub read failed (%s); retrying in %.1fs", exc, backoff)
                     await asyncio.sleep(backoff)  # reconnect backoff, not a data poll
                     backoff = min(backoff * 2, 5.0)
@@ -505,7 +522,8 @@ class Hub:
         # stream attached after this point finds ``blocked`` set and wakes the read.
         group.blocked = True
         try:
-            reply = await self._xread(group, names)
+            with self.metrics.hub_read_seconds.time():
+                reply = await self._xread(group, names)
         finally:
             group.blocked = False
         self.reads += 1
@@ -545,7 +563,8 @@ class Hub:
         stream = self._streams.get(gid)
         if stream is None or not stream.live:
             return
-        logger.warning("generation %s vanished from Redis; ending its readers", gid)
+        with generation_context(gid):
+            logger.warning("generation %s vanished from Redis; ending its readers", gid)
         self._deliver(stream, [_lost(stream.head + 1)])
 
     # --- the reaper ----------------------------------------------------------------------------
@@ -564,7 +583,14 @@ class Hub:
             try:
                 alive = await self.log.lease_alive(quiet)
                 for gid, ok in zip(quiet, alive, strict=True):
-                    if not ok and await self.log.reap_if_orphaned(gid) == "missing":
+                    if ok:
+                        continue
+                    if self.reap:
+                        outcome = await self.log.reap_if_orphaned(gid)
+                    else:
+                        outcome = "missing" if await self.log.meta(gid) is None else "alive"
+                    if outcome == "missing":
                         self._lose(gid)
             except RedisError as exc:  # OOM, READONLY, ...: retried at the next check
+                self.metrics.redis_error("reaper")
                 logger.warning("reaper check failed: %s", exc)

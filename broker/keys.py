@@ -25,8 +25,15 @@ CHANNEL_RE = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
 CONSUMER_TYPE_RE = re.compile(r"[a-z][a-z0-9_-]{0,31}")
 
 
+# Random bytes in a generation id: 144 bits, above the 128 that make an id unguessable
+# (knowing an id is what lets a reader in when auth is off).  18 bytes are 24 base64
+# characters without padding.
+GENERATION_ID_BYTES = 18
+
+
 def new_generation_id() -> str:
-    return "g" + secrets.token_urlsafe(15)
+    """``g`` and 24 url-safe base64 characters (144 random bits from ``secrets``)."""
+    return "g" + secrets.token_urlsafe(GENERATION_ID_BYTES)
 
 
 def is_generation_id(value: str) -> bool:
@@ -146,6 +153,12 @@ class Keyspace:
         """String: the generation an ``Idempotency-Key`` started (hashed: any key is a safe
         key name)."""
         return f"{self.prefix}:idem:{hashlib.sha256(key.encode()).hexdigest()}"
+
+    def sse_slots(self, client: str) -> str:
+        """Sorted set: one member per open event stream of ``client`` (hashed: any client id
+        is a safe key name), scored by when it expires (Redis clock, ms).  Replicas refresh
+        their members; a crashed replica's age out."""
+        return f"{self.prefix}:sse:{hashlib.sha256(client.encode()).hexdigest()[:32]}"
 
     def hub_wake(self, hub_id: str, tag: str | None = None) -> str:
         """Private stream a hub includes in its blocking read, to be woken for new streams.

@@ -40,6 +40,8 @@ from broker.events import (
     dumps,
 )
 from broker.log import GenerationFenced, GenerationLog
+from broker.logs import generation_context
+from broker.metrics import BrokerMetrics
 from broker.providers.base import GenerationRequest, Provider
 from broker.settings import Settings
 
@@ -70,8 +72,10 @@ class Producer:
     def __init__(
         self, log: GenerationLog, gid: str, provider: Provider, request: GenerationRequest,
         settings: Settings, owner: str, gate: ConsumerGate | None = None,
+        metrics: BrokerMetrics | None = None,
     ) -> None:
         self.log = log
+        self.metrics = metrics or BrokerMetrics()
         self.gid = gid
         self.provider = provider
         self.request = request
@@ -95,6 +99,12 @@ class Producer:
         self._limit_version = -1  # gate.version the limit was computed for
 
     async def run(self) -> None:
+        """Run the generation to its terminal entry.  Every log line meanwhile (the writer
+        task's included) carries the generation's id."""
+        with generation_context(self.gid):
+            await self._run()
+
+    async def _run(self) -> None:
         terminal: Terminal | None = None
         deadline = asyncio.timeout(self.settings.max_generation_seconds)
         try:
@@ -111,9 +121,13 @@ class Producer:
         except CancelRequested as request:
             terminal = ("cancelled", {"reason": request.reason}, "cancelled")
         except GenerationFenced as exc:
-            logger.info("generation %s: %s", self.gid, exc)
+            # Ended by someone else (a cancel of an orphan, a reaper), or our lease expired
+            # while we were paused or cut off: write nothing of ours.
+            logger.warning("generation %s: %s; producer stops", self.gid, exc)
+            self.finishing = True
+            await self._end_orphaned()
         except asyncio.CancelledError:
-            terminal = ("cancelled", {"reason": self.cancel_reason}, "cancelled")
+            terminal = self._cancelled_terminal()
             raise
         except RedisError as exc:
             logger.error("generation %s: redis failed: %s", self.gid, exc)
@@ -124,6 +138,25 @@ class Producer:
         finally:
             if terminal is not None:
                 await self._finish_despite_cancels(terminal)
+
+    def _cancelled_terminal(self) -> Terminal:
+        if self.cancel_reason == "shutdown":
+            return _error("shutdown",
+                          "the broker process shut down before the generation finished")
+        if self.cancel_reason == "lease_lost":
+            return _error("producer_lost", "the producer of this generation lost its lease")
+        return ("cancelled", {"reason": self.cancel_reason}, "cancelled")
+
+    async def _end_orphaned(self) -> None:
+        """Our lease is gone: end the generation with ``producer_lost`` unless it has ended
+        or someone holds it (the same idempotent write as a watchdog's, so whichever comes
+        first writes the one terminal entry).  Without it, a generation whose producer
+        outlived its lease would wait for a watchdog or a reader's reaper."""
+        try:
+            await self._retrying(functools.partial(self.log.reap_if_orphaned, self.gid))
+        except RedisError as exc:
+            logger.error("generation %s: could not end it after losing the lease: %s",
+                         self.gid, exc)
 
     async def _finish_despite_cancels(self, terminal: Terminal) -> None:
         """Write the terminal entry even if another cancel lands meanwhile.
@@ -153,9 +186,11 @@ class Producer:
                         self.log.append, self.gid, self.owner, self.lease_ms, self._pending
                     )
                 )
+                self._count_tokens(self._pending)
                 self._pending.clear()
             except GenerationFenced as exc:
-                logger.info("generation %s: %s", self.gid, exc)
+                logger.warning("generation %s: %s; producer stops", self.gid, exc)
+                await self._end_orphaned()
                 return
             except Exception:
                 # Whatever broke the pending batch must not also cost the terminal entry:
@@ -175,8 +210,15 @@ class Producer:
             # the generation with ``producer_lost``, so no reader hangs.
             logger.error("generation %s: could not write terminal entry: %s", self.gid, exc)
             return
-        if not seq:
+        if not seq and status == "running":
+            # The finish script refused us as owner: our lease expired (or was never ours).
+            logger.warning("generation %s: this producer lost its lease", self.gid)
+            await self._end_orphaned()
+        elif not seq:
             logger.info("generation %s had already ended (%s)", self.gid, status)
+        else:
+            logger.info("generation %s ended: %s (%s) after %d entries", self.gid, etype,
+                        reason, seq)
 
     async def _pump(self) -> Terminal:
         try:
@@ -321,11 +363,15 @@ class Producer:
             result = await self._retrying(
                 functools.partial(self.log.append, self.gid, self.owner, self.lease_ms, batch)
             )
+            self._count_tokens(batch)
             del self._pending[: len(batch)]
             self._drained.set()
             if result.cancel_reason is not None:
                 raise CancelRequested(result.cancel_reason)
 
+
+    def _count_tokens(self, written: list[PendingEntry]) -> None:
+        self.metrics.tokens_in += sum(1 for entry in written if entry[1] == "token")
 
     async def _retrying(self, call: Callable[[], Awaitable[T]]) -> T:
         """Run a log write, retrying connection failures with backoff.
@@ -340,8 +386,11 @@ class Producer:
         while True:
             try:
                 return await call()
-            except (RedisConnectionError, RedisTimeoutError) as exc:
-                if loop.time() + delay > give_up:
+            except RedisError as exc:
+                self.metrics.redis_error("log_write")
+                if not isinstance(exc, RedisConnectionError | RedisTimeoutError) or (
+                    loop.time() + delay > give_up
+                ):
                     raise
                 logger.warning("generation %s: redis write failed (%s); retrying", self.gid, exc)
                 await asyncio.sleep(delay)

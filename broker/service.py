@@ -30,9 +30,11 @@ from broker.hub import Cursor, Hub
 from broker.keys import entry_id, is_channel, is_generation_id, seq_of
 from broker.log import GenerationLog, GenerationMeta, XReadReply
 from broker.manager import GenerationInfo, GenerationManager
+from broker.metrics import BrokerMetrics
 from broker.providers import ProviderRegistry
 from broker.providers.base import GenerationRequest
 from broker.settings import Settings
+from broker.watchdog import LeaseWatchdog
 from consumers.catalog import Announcement, follow_catalog
 from consumers.runtime import ConsumerType, Worker, running_workers
 from consumers.store import ConsumerStore
@@ -55,15 +57,19 @@ class Broker:
 
     def __init__(
         self, settings: Settings, redis: aioredis.Redis, log: GenerationLog, hub: Hub,
-        manager: GenerationManager, url: str,
+        manager: GenerationManager, url: str, metrics: BrokerMetrics | None = None,
     ) -> None:
         self.settings = settings
+        # This process's figures (GET /metrics; snapshot() for dashboards), shared with the
+        # hub and the manager that :meth:`open` built.
+        self.metrics = metrics or manager.metrics
         self.redis = redis
         self.log = log
         self.hub = hub
         self.manager = manager
         self.url = url
         self.gate: ConsumerGate | None = None
+        self.watchdog: LeaseWatchdog | None = None
         self.workers: list[Worker] = []
         self.consumer_store = ConsumerStore(redis, log.keyspace, settings.retention_seconds)
         self._shared_readers: aioredis.Redis | None = None  # on a cluster (reader_client)
@@ -100,7 +106,16 @@ class Broker:
             registry = providers or ProviderRegistry.from_settings(settings)
             stack.push_async_callback(registry.aclose)
             log = GenerationLog.for_settings(redis, settings)
-            hub = await stack.enter_async_context(Hub(log, hub_redis, settings))
+            metrics = BrokerMetrics()
+            hub = await stack.enter_async_context(Hub(log, hub_redis, settings, metrics))
+            watchdog = None
+            if settings.watchdog:
+                # Entered before the manager, so it keeps watching while producers drain.
+                watchdog_redis = blocking_client(url, settings, "watchdog")
+                stack.push_async_callback(watchdog_redis.aclose)
+                watchdog = await stack.enter_async_context(
+                    LeaseWatchdog(log, watchdog_redis, settings)
+                )
             gate = await stack.enter_async_context(
                 ConsumerGate(redis, log.keyspace, settings)
             )
@@ -110,11 +125,12 @@ class Broker:
             if workers and gate.enabled:
                 await gate.refresh()  # our own workers just checked in: count them at once
             manager = await stack.enter_async_context(
-                GenerationManager(log, registry, settings, control_redis, gate)
+                GenerationManager(log, registry, settings, control_redis, gate, metrics)
             )
-            broker = cls(settings, redis, log, hub, manager, url)
+            broker = cls(settings, redis, log, hub, manager, url, metrics)
             broker._shared_readers = shared_readers
             broker.gate = gate
+            broker.watchdog = watchdog
             broker.workers = workers
             yield broker
 
@@ -132,6 +148,18 @@ class Broker:
             raise ValueError("a channel name is 1-128 characters of [A-Za-z0-9_.:-]")
         return await self.manager.start(request, provider, idempotency_key=idempotency_key,
                                         channel=channel)
+
+    @property
+    def draining(self) -> bool:
+        """True once :meth:`drain` was called (or the broker is closing)."""
+        return self.manager.draining
+
+    def drain(self) -> None:
+        """Begin a graceful stop: :meth:`start` raises ``ShuttingDown`` from now on (HTTP
+        503), running generations get ``shutdown_grace_seconds`` to finish, and those still
+        running then end with ``error``/``shutdown``.  Reading, cancelling and the consumer
+        workers go on until the broker is closed.  Idempotent; returns at once."""
+        self.manager.drain()
 
     async def channel(self, name: str, after: str | None = None
                       ) -> AsyncIterator[ChannelEvent]:

@@ -409,3 +409,19 @@ async def test_a_failover_mid_stream_loses_nothing(replicated_cluster: LocalClus
             test_hub.check_complete(events, len(tokenize(text)))
             assert "".join(e.data["text"] for e in events[:-1]) == text
         assert (await broker.state(info.id)).text == text
+
+
+async def test_a_quiet_producer_keeps_its_lease_on_the_cluster(
+    redis_cluster: LocalCluster,
+) -> None:
+    """Entries further apart than the lease: only the lease renewer (a pipeline of scripts
+    over leases in many slots) keeps the generation from being reaped by the watchdog."""
+    settings = make_settings(redis_cluster.url, lease_seconds=1.0)
+    async with Broker.open(settings) as broker:
+        infos = [await broker.start(GenerationRequest(
+            [{"role": "user", "content": "x"}],
+            params={"text": "slow but alive", "tokens_per_second": 0.4})) for _ in range(3)]
+        for info in infos:
+            events = [e async for e in broker.events(info.id)]
+            assert [e.type for e in events] == ["token"] * 3 + ["done"], events[-1].data
+        assert broker.watchdog is None or broker.watchdog.reaped == 0

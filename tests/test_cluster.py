@@ -35,8 +35,10 @@ __all__ = ["redis_cluster"]  # the fixture, imported for pytest
 
 @pytest.fixture
 def cluster_settings(redis_cluster: LocalCluster) -> Settings:
-    # Each test has its own key prefix; the cluster lives only for this session.
-    return make_settings(redis_cluster.url)
+    # Each test has its own key prefix; the cluster lives only for this session.  The tests
+    # open dozens of event streams from one address (the per-client limit is tested in
+    # test_cluster_acl.py, with the default limit, on this cluster).
+    return make_settings(redis_cluster.url, max_sse_per_client=0)
 
 
 def master_of(cluster: LocalCluster, settings: Settings, gid: str) -> int:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
@@ -17,14 +18,22 @@ from redis.asyncio.cluster import RedisCluster
 from redis.crc import key_slot
 from redis.exceptions import RedisClusterException
 
-from broker.connections import is_cluster_url
+from broker.connections import blocking_client, command_client, is_cluster_url
 from broker.providers.base import GenerationRequest
 from broker.providers.simulated import tokenize
 from broker.service import Broker
 from broker.settings import Settings
 from consumers.analytics import Analytics
 from consumers.sentences import Sentences
-from tests import test_api, test_bench, test_channels, test_hub, test_idempotency, test_snapshot
+from tests import (
+    test_api,
+    test_bench,
+    test_channels,
+    test_connections,
+    test_hub,
+    test_idempotency,
+    test_snapshot,
+)
 from tests.conftest import RUN_PREFIX, make_settings, running_server
 from tests.redis_cluster import LocalCluster, cluster_binaries, redis_cluster, start_cluster
 from tests.test_api import read_sse
@@ -427,3 +436,32 @@ async def test_a_quiet_producer_keeps_its_lease_on_the_cluster(
             events = [e async for e in broker.events(info.id)]
             assert [e.type for e in events] == ["token"] * 3 + ["done"], events[-1].data
         assert broker.watchdog is None or broker.watchdog.reaped == 0
+
+
+async def test_cancelled_blocking_reads_on_cluster_clients_never_hand_over_a_reply(
+    cluster_settings: Settings,
+) -> None:
+    """The core test of the CVE-2023-28858 class, on a cluster client: a one-reader client,
+    and the shared readers' client with several reads cancelled at once."""
+    await test_connections.test_cancelled_blocking_reads_never_hand_over_an_unread_reply(
+        cluster_settings)
+    url = cluster_settings.redis_url or ""
+    shared = blocking_client(url, cluster_settings, "readers", many=True)
+    writer = command_client(url, cluster_settings)
+    rng = random.Random(11)
+    streams = [f"{cluster_settings.key_prefix}:{{s{n}}}:probe" for n in range(3)]
+    try:
+        for i in range(100):
+            reads = [asyncio.create_task(shared.xread({s: "$"}, block=50)) for s in streams]
+            await asyncio.sleep(rng.random() * 0.004)
+            if rng.random() < 0.5:
+                await writer.xadd(rng.choice(streams), {"i": str(i)}, maxlen=10)
+            for read in reads:
+                read.cancel()
+            await asyncio.gather(*reads, return_exceptions=True)
+            key = f"{cluster_settings.key_prefix}:probe:{i}"
+            await shared.set(key, f"value-{i}")
+            assert await shared.get(key) == f"value-{i}".encode()
+    finally:
+        await shared.aclose()
+        await writer.aclose()

@@ -465,3 +465,12 @@ async def test_cancelled_blocking_reads_on_cluster_clients_never_hand_over_a_rep
     finally:
         await shared.aclose()
         await writer.aclose()
+
+
+async def test_a_plain_url_with_the_cluster_setting(redis_cluster: LocalCluster) -> None:
+    settings = make_settings(f"redis://127.0.0.1:{redis_cluster.ports[1]}", redis_cluster=True)
+    async with Broker.open(settings) as broker:
+        assert isinstance(broker.redis, RedisCluster)
+        info = await broker.start(GenerationRequest(
+            [{"role": "user", "content": "x"}], params={"max_tokens": 10, "tokens_per_second": 0}))
+        test_hub.check_complete([e async for e in broker.events(info.id)], 10)

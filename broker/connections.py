@@ -64,9 +64,12 @@ _MANY_CLUSTER_CONNECTIONS = 16_384
 
 
 def is_cluster_url(url: str, settings: Settings | None = None) -> bool:
-    """Whether ``url`` names a Redis Cluster (its scheme, or ``settings.redis_cluster``)."""
+    """Whether ``url`` names a Redis Cluster (its scheme, or ``settings.redis_cluster`` for a
+    TCP URL: a unix socket, such as the embedded Redis's, is never a cluster)."""
     scheme = url.partition("://")[0].lower()
-    return scheme in CLUSTER_SCHEMES or bool(settings is not None and settings.redis_cluster)
+    if scheme in CLUSTER_SCHEMES:
+        return True
+    return scheme in ("redis", "rediss") and settings is not None and settings.redis_cluster
 
 
 def node_url(url: str) -> str:

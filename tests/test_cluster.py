@@ -91,6 +91,7 @@ def test_cluster_url_forms() -> None:
     assert not is_cluster_url("redis://h:1", settings)
     flagged = Settings(redis_url="redis://h:1", redis_cluster=True)
     assert is_cluster_url("redis://h:1", flagged)
+    assert not is_cluster_url("unix:///tmp/redis.sock", flagged)  # the embedded Redis
 
 
 async def test_many_generations_on_every_master_reach_every_sse_client_whole(

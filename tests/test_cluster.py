@@ -8,17 +8,21 @@ import asyncio
 import json
 import random
 import secrets
+import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 import redis
+import trustme
 from redis.asyncio.cluster import RedisCluster
 from redis.crc import key_slot
 from redis.exceptions import RedisClusterException
 
 from broker.connections import blocking_client, command_client, is_cluster_url
+from broker.errors import RedisUnavailable
 from broker.providers.base import GenerationRequest
 from broker.providers.simulated import tokenize
 from broker.service import Broker
@@ -475,3 +479,43 @@ async def test_a_plain_url_with_the_cluster_setting(redis_cluster: LocalCluster)
         info = await broker.start(GenerationRequest(
             [{"role": "user", "content": "x"}], params={"max_tokens": 10, "tokens_per_second": 0}))
         test_hub.check_complete([e async for e in broker.events(info.id)], 10)
+
+
+@pytest.fixture(scope="module")
+def tls_cluster() -> Iterator[LocalCluster]:
+    binaries = cluster_binaries()
+    if binaries is None:
+        pytest.skip("no redis-server 7+ with redis-cli found to start a local Redis Cluster")
+    try:
+        cluster = start_cluster(*binaries, tls=True)
+    except (RuntimeError, subprocess.CalledProcessError) as exc:
+        pytest.skip(f"redis-server could not run a TLS cluster (built without TLS?): {exc}")
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+async def test_a_tls_cluster_by_rediss_cluster_url(
+    tls_cluster: LocalCluster, tmp_path: Path,
+) -> None:
+    """``rediss+cluster://...?ssl_ca_certs=`` reaches every master over TLS, and a server
+    certificate from another CA is refused at startup."""
+    settings = make_settings(tls_cluster.url, max_sse_per_client=0)
+    assert settings.redis_url is not None
+    assert settings.redis_url.startswith("rediss+cluster://")
+    async with Broker.open(settings, consumers=[Analytics()]) as broker, \
+            running_server(settings, broker) as url, \
+            httpx.AsyncClient(base_url=url, timeout=httpx.Timeout(30.0)) as http:
+        by_master = await spread(http, tls_cluster, settings, 1, max_tokens=20,
+                                 tokens_per_second=200)
+        for gids in by_master.values():
+            events = await read_sse(http, gids[0])
+            test_api.check_stream(events, 20)
+            await consumed(broker.consumer_store, gids[0], "analytics")
+    other_ca = tmp_path / "other-ca.pem"
+    trustme.CA().cert_pem.write_to_path(str(other_ca))
+    wrong = make_settings(tls_cluster.url.replace(str(tls_cluster.ca_file), str(other_ca)))
+    with pytest.raises(RedisUnavailable, match="certificate verify failed"):
+        async with Broker.open(wrong):
+            pass

@@ -1,6 +1,8 @@
-"""tokentee on a real three-master Redis Cluster (started by ``tests/redis_cluster.py``):
-SSE fan-out, resume and cancel for generations on every master, the hub's per-slot reads,
-the durable consumers, and the wire format's ``XREAD`` loop."""
+"""tokentee on real three-master Redis Clusters (started by ``tests/redis_cluster.py``):
+SSE fan-out, resume and cancel for generations on every master, the hub's per-slot reads
+and their connections, the durable consumers, the wire format's ``XREAD`` loop, a slot
+migrating and a master failing over mid-stream, lease renewal, TLS, the bench, and a subset
+of the core tests.  (The ACL users are in ``test_cluster_acl.py``.)"""
 
 from __future__ import annotations
 

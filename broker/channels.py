@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, cast
 
 from redis.exceptions import RedisError
 
-from broker.connections import blocking_client, raise_if_cancelled
+from broker.connections import raise_if_cancelled
 from broker.errors import GenerationNotFound, InvalidResumePoint
 from broker.events import Event
 from broker.formats import native_frame
@@ -116,8 +116,7 @@ async def follow_channel(
                 await asyncio.sleep(0.5)
 
     async def announcements(last: str) -> None:
-        client = blocking_client(broker.url, broker.settings, "channel")
-        try:
+        async with broker.reader_client("channel") as client:
             while True:
                 raise_if_cancelled()
                 try:
@@ -133,8 +132,6 @@ async def follow_channel(
                         last = entry_id.decode()
                         gid = fields.get(b"id", b"").decode("utf-8", "replace")
                         await queue.put(("ann", last, gid))
-        finally:
-            await client.aclose()
 
     def start(gid: str, after: int) -> None:
         task = asyncio.create_task(pump(gid, after), name=f"tokentee-channel-{gid}")

@@ -58,14 +58,18 @@ CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
 # raises (it cannot wait for a free one as ``BlockingConnectionPool`` does), so its cap is a
 # multiple of the standalone pool's.
 _CLUSTER_CONNECTIONS_PER_POOL_SLOT = 8
-# Cap per node for the hub: one connection per slot it reads at once.
-_HUB_CLUSTER_CONNECTIONS = 16_384
+# Cap per node for the hub (one connection per slot it reads at once) and for the client that
+# a broker's channel, catalog and records readers share on a cluster (one per reader).
+_MANY_CLUSTER_CONNECTIONS = 16_384
 
 
 def is_cluster_url(url: str, settings: Settings | None = None) -> bool:
-    """Whether ``url`` names a Redis Cluster (its scheme, or ``settings.redis_cluster``)."""
+    """Whether ``url`` names a Redis Cluster (its scheme, or ``settings.redis_cluster`` for a
+    TCP URL: a unix socket, such as the embedded Redis's, is never a cluster)."""
     scheme = url.partition("://")[0].lower()
-    return scheme in CLUSTER_SCHEMES or bool(settings is not None and settings.redis_cluster)
+    if scheme in CLUSTER_SCHEMES:
+        return True
+    return scheme in ("redis", "rediss") and settings is not None and settings.redis_cluster
 
 
 def node_url(url: str) -> str:
@@ -122,14 +126,17 @@ def command_client(url: str, settings: Settings) -> aioredis.Redis:
     return aioredis.Redis.from_pool(pool)
 
 
-def blocking_client(url: str, settings: Settings, role: str = "reader") -> aioredis.Redis:
+def blocking_client(url: str, settings: Settings, role: str = "reader", *,
+                    many: bool = False) -> aioredis.Redis:
     """A client with exactly one connection, for one long blocking reader.
 
     On a cluster: a client with at most one connection per node, except for the hub
-    (``role="hub"``), which holds one connection per hash slot it reads (``broker/hub.py``).
+    (``role="hub"``), which holds one connection per hash slot it reads (``broker/hub.py``),
+    and with ``many``, a client shared by concurrent blocking readers, one connection each.
     """
     if is_cluster_url(url, settings):
-        return _cluster(url, settings, role, _HUB_CLUSTER_CONNECTIONS if role == "hub" else 2)
+        many = many or role == "hub"
+        return _cluster(url, settings, role, _MANY_CLUSTER_CONNECTIONS if many else 2)
     pool = aioredis.BlockingConnectionPool.from_url(
         url, max_connections=1, timeout=30, **_common(url, settings, role)
     )

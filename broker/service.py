@@ -22,7 +22,7 @@ import redis.asyncio as aioredis
 
 from broker.backpressure import ConsumerGate
 from broker.channels import ChannelEvent, ChannelPosition, follow_channel
-from broker.connections import blocking_client, check_reachable, command_client
+from broker.connections import blocking_client, check_reachable, command_client, is_cluster_url
 from broker.embedded import embedded_redis
 from broker.errors import GenerationNotFound
 from broker.events import Event
@@ -72,6 +72,7 @@ class Broker:
         self.watchdog: LeaseWatchdog | None = None
         self.workers: list[Worker] = []
         self.consumer_store = ConsumerStore(redis, log.keyspace, settings.retention_seconds)
+        self._shared_readers: aioredis.Redis | None = None  # on a cluster (reader_client)
 
     @classmethod
     @contextlib.asynccontextmanager
@@ -98,6 +99,10 @@ class Broker:
             stack.push_async_callback(hub_redis.aclose)
             control_redis = blocking_client(url, settings, "control")
             stack.push_async_callback(control_redis.aclose)
+            shared_readers = None
+            if is_cluster_url(url, settings):  # see reader_client
+                shared_readers = blocking_client(url, settings, "readers", many=True)
+                stack.push_async_callback(shared_readers.aclose)
             registry = providers or ProviderRegistry.from_settings(settings)
             stack.push_async_callback(registry.aclose)
             log = GenerationLog.for_settings(redis, settings)
@@ -123,6 +128,7 @@ class Broker:
                 GenerationManager(log, registry, settings, control_redis, gate, metrics)
             )
             broker = cls(settings, redis, log, hub, manager, url, metrics)
+            broker._shared_readers = shared_readers
             broker.gate = gate
             broker.watchdog = watchdog
             broker.workers = workers
@@ -210,18 +216,31 @@ class Broker:
         _check_id(gid)
         return self.hub.subscribe(gid, after)
 
+    @contextlib.asynccontextmanager
+    async def reader_client(self, role: str) -> AsyncIterator[aioredis.Redis]:
+        """A client for one blocking reader (a channel's announcements, the catalog, a
+        consumer's records), with a connection of its own.  On a cluster it is one shared
+        cluster client, which gives each concurrent read its own connection to the node
+        that serves the key: a new cluster client would first load the slot map and the
+        command table (100 ms and more) for every reader."""
+        if self._shared_readers is not None:
+            yield self._shared_readers
+            return
+        client = blocking_client(self.url, self.settings, role)
+        try:
+            yield client
+        finally:
+            await client.aclose()
+
     async def generations(self, after: str = "$") -> AsyncIterator[Announcement]:
         """Every generation announced on the catalog after position ``after`` (``"$"``: from
         now on, ``"0"``: all that are kept), from any broker process, forever.  Holds one
         dedicated Redis connection while iterating."""
-        client = blocking_client(self.url, self.settings, "catalog")
-        try:
+        async with self.reader_client("catalog") as client:
             async for announcement in follow_catalog(
                 client, self.log.keyspace, after=after, block_ms=self.settings.block_ms
             ):
                 yield announcement
-        finally:
-            await client.aclose()
 
     async def records(
         self, gid: str, consumer_type: str, after: int = 0
@@ -238,8 +257,7 @@ class Broker:
         if await self.log.meta(gid) is None:
             raise GenerationNotFound(gid)
         key = self.log.keyspace.output(gid, consumer_type)
-        client = blocking_client(self.url, self.settings, "records")
-        try:
+        async with self.reader_client("records") as client:
             while True:
                 # Records and the done flag are committed together: once done is seen, every
                 # record is in the stream, and a read from ``after`` returns them at once.
@@ -255,8 +273,6 @@ class Broker:
                     for eid, fields in entries:
                         after = seq_of(eid)
                         yield json.loads(fields[b"data"])
-        finally:
-            await client.aclose()
 
     async def events(self, gid: str, after: int = 0) -> AsyncIterator[Event]:
         """Every event of ``gid`` after ``after`` up to and including the terminal one.

@@ -32,7 +32,8 @@ class Settings(BaseSettings):
     )
     redis_cluster: bool = Field(
         default=False,
-        description="REDIS_URL names a Redis Cluster node (same as a redis+cluster:// URL).",
+        description="A redis:// or rediss:// REDIS_URL names a Redis Cluster node (same as a"
+        " redis+cluster:// URL).",
     )
     key_prefix: str = Field(default="tokentee", description="Prefix of every Redis key.")
     redis_max_connections: int = Field(

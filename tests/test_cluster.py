@@ -1,30 +1,45 @@
-"""tokentee on a real three-master Redis Cluster (started by ``tests/redis_cluster.py``):
-SSE fan-out, resume and cancel for generations on every master, the hub's per-slot reads,
-the durable consumers, and the wire format's ``XREAD`` loop."""
+"""tokentee on real three-master Redis Clusters (started by ``tests/redis_cluster.py``):
+SSE fan-out, resume and cancel for generations on every master, the hub's per-slot reads
+and their connections, the durable consumers, the wire format's ``XREAD`` loop, a slot
+migrating and a master failing over mid-stream, lease renewal, TLS, the bench, and a subset
+of the core tests.  (The ACL users are in ``test_cluster_acl.py``.)"""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import random
 import secrets
+import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 import redis
+import trustme
 from redis.asyncio.cluster import RedisCluster
 from redis.crc import key_slot
 from redis.exceptions import RedisClusterException
 
-from broker.connections import is_cluster_url
+from broker.connections import blocking_client, command_client, is_cluster_url
+from broker.errors import RedisUnavailable
 from broker.providers.base import GenerationRequest
 from broker.providers.simulated import tokenize
 from broker.service import Broker
 from broker.settings import Settings
 from consumers.analytics import Analytics
 from consumers.sentences import Sentences
-from tests import test_api, test_bench, test_channels, test_hub, test_idempotency, test_snapshot
+from tests import (
+    test_api,
+    test_bench,
+    test_channels,
+    test_connections,
+    test_hub,
+    test_idempotency,
+    test_snapshot,
+)
 from tests.conftest import RUN_PREFIX, make_settings, running_server
 from tests.redis_cluster import LocalCluster, cluster_binaries, redis_cluster, start_cluster
 from tests.test_api import read_sse
@@ -35,8 +50,10 @@ __all__ = ["redis_cluster"]  # the fixture, imported for pytest
 
 @pytest.fixture
 def cluster_settings(redis_cluster: LocalCluster) -> Settings:
-    # Each test has its own key prefix; the cluster lives only for this session.
-    return make_settings(redis_cluster.url)
+    # Each test has its own key prefix; the cluster lives only for this session.  The tests
+    # open dozens of event streams from one address (the per-client limit is tested in
+    # test_cluster_acl.py, with the default limit, on this cluster).
+    return make_settings(redis_cluster.url, max_sse_per_client=0)
 
 
 def master_of(cluster: LocalCluster, settings: Settings, gid: str) -> int:
@@ -80,6 +97,7 @@ def test_cluster_url_forms() -> None:
     assert not is_cluster_url("redis://h:1", settings)
     flagged = Settings(redis_url="redis://h:1", redis_cluster=True)
     assert is_cluster_url("redis://h:1", flagged)
+    assert not is_cluster_url("unix:///tmp/redis.sock", flagged)  # the embedded Redis
 
 
 async def test_many_generations_on_every_master_reach_every_sse_client_whole(
@@ -186,6 +204,8 @@ async def test_durable_consumers_process_generations_on_every_master(
             await consumed(broker.consumer_store, gid, "sentences", "analytics")
             body = (await http.get(f"/v1/streams/{gid}/sentences")).json()
             assert [s["text"] for s in body["sentences"]] == expected_sentences(text)
+            records = [r async for r in broker.records(gid, "sentences")]  # blocking XREAD
+            assert [r["text"] for r in records] == expected_sentences(text)
             stats = (await http.get(f"/v1/streams/{gid}/stats")).json()
             assert stats["tokens"] == len(tokenize(text))
             assert stats["complete"] is True
@@ -194,6 +214,13 @@ async def test_durable_consumers_process_generations_on_every_master(
             totals = await broker.consumer_store.totals("analytics")
             return totals.get("generations|done|stop|simulated|simulated-1") == len(gids)
         await until(added)  # totals are added after the checkpoint
+        # The catalog (a global key) announced every one of them.
+        announced = []
+        async for announcement in broker.generations(after="0"):
+            announced.append(announcement.id)
+            if len(announced) == len(gids):
+                break
+        assert sorted(announced) == sorted(gids)
 
 
 async def test_the_wire_format_xread_loop_per_slot(
@@ -400,3 +427,97 @@ async def test_a_failover_mid_stream_loses_nothing(replicated_cluster: LocalClus
             test_hub.check_complete(events, len(tokenize(text)))
             assert "".join(e.data["text"] for e in events[:-1]) == text
         assert (await broker.state(info.id)).text == text
+
+
+async def test_a_quiet_producer_keeps_its_lease_on_the_cluster(
+    redis_cluster: LocalCluster,
+) -> None:
+    """Entries further apart than the lease: only the lease renewer (a pipeline of scripts
+    over leases in many slots) keeps the generation from being reaped by the watchdog."""
+    settings = make_settings(redis_cluster.url, lease_seconds=1.0)
+    async with Broker.open(settings) as broker:
+        infos = [await broker.start(GenerationRequest(
+            [{"role": "user", "content": "x"}],
+            params={"text": "slow but alive", "tokens_per_second": 0.4})) for _ in range(3)]
+        for info in infos:
+            events = [e async for e in broker.events(info.id)]
+            assert [e.type for e in events] == ["token"] * 3 + ["done"], events[-1].data
+        assert broker.watchdog is None or broker.watchdog.reaped == 0
+
+
+async def test_cancelled_blocking_reads_on_cluster_clients_never_hand_over_a_reply(
+    cluster_settings: Settings,
+) -> None:
+    """The core test of the CVE-2023-28858 class, on a cluster client: a one-reader client,
+    and the shared readers' client with several reads cancelled at once."""
+    await test_connections.test_cancelled_blocking_reads_never_hand_over_an_unread_reply(
+        cluster_settings)
+    url = cluster_settings.redis_url or ""
+    shared = blocking_client(url, cluster_settings, "readers", many=True)
+    writer = command_client(url, cluster_settings)
+    rng = random.Random(11)
+    streams = [f"{cluster_settings.key_prefix}:{{s{n}}}:probe" for n in range(3)]
+    try:
+        for i in range(100):
+            reads = [asyncio.create_task(shared.xread({s: "$"}, block=50)) for s in streams]
+            await asyncio.sleep(rng.random() * 0.004)
+            if rng.random() < 0.5:
+                await writer.xadd(rng.choice(streams), {"i": str(i)}, maxlen=10)
+            for read in reads:
+                read.cancel()
+            await asyncio.gather(*reads, return_exceptions=True)
+            key = f"{cluster_settings.key_prefix}:probe:{i}"
+            await shared.set(key, f"value-{i}")
+            assert await shared.get(key) == f"value-{i}".encode()
+    finally:
+        await shared.aclose()
+        await writer.aclose()
+
+
+async def test_a_plain_url_with_the_cluster_setting(redis_cluster: LocalCluster) -> None:
+    settings = make_settings(f"redis://127.0.0.1:{redis_cluster.ports[1]}", redis_cluster=True)
+    async with Broker.open(settings) as broker:
+        assert isinstance(broker.redis, RedisCluster)
+        info = await broker.start(GenerationRequest(
+            [{"role": "user", "content": "x"}], params={"max_tokens": 10, "tokens_per_second": 0}))
+        test_hub.check_complete([e async for e in broker.events(info.id)], 10)
+
+
+@pytest.fixture(scope="module")
+def tls_cluster() -> Iterator[LocalCluster]:
+    binaries = cluster_binaries()
+    if binaries is None:
+        pytest.skip("no redis-server 7+ with redis-cli found to start a local Redis Cluster")
+    try:
+        cluster = start_cluster(*binaries, tls=True)
+    except (RuntimeError, subprocess.CalledProcessError) as exc:
+        pytest.skip(f"redis-server could not run a TLS cluster (built without TLS?): {exc}")
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+async def test_a_tls_cluster_by_rediss_cluster_url(
+    tls_cluster: LocalCluster, tmp_path: Path,
+) -> None:
+    """``rediss+cluster://...?ssl_ca_certs=`` reaches every master over TLS, and a server
+    certificate from another CA is refused at startup."""
+    settings = make_settings(tls_cluster.url, max_sse_per_client=0)
+    assert settings.redis_url is not None
+    assert settings.redis_url.startswith("rediss+cluster://")
+    async with Broker.open(settings, consumers=[Analytics()]) as broker, \
+            running_server(settings, broker) as url, \
+            httpx.AsyncClient(base_url=url, timeout=httpx.Timeout(30.0)) as http:
+        by_master = await spread(http, tls_cluster, settings, 1, max_tokens=20,
+                                 tokens_per_second=200)
+        for gids in by_master.values():
+            events = await read_sse(http, gids[0])
+            test_api.check_stream(events, 20)
+            await consumed(broker.consumer_store, gids[0], "analytics")
+    other_ca = tmp_path / "other-ca.pem"
+    trustme.CA().cert_pem.write_to_path(str(other_ca))
+    wrong = make_settings(tls_cluster.url.replace(str(tls_cluster.ca_file), str(other_ca)))
+    with pytest.raises(RedisUnavailable, match="certificate verify failed"):
+        async with Broker.open(wrong):
+            pass

@@ -165,8 +165,9 @@ async def test_figures_count_generations_clients_and_traffic(
     assert during["active_generations"] == 1
     assert during["sse_clients"] == 1
     assert during["hub_readers"] >= 1
-    assert during["entries_in_per_second"] > 0
-    assert during["events_out_per_second"] > 0
+    assert during["tokens_in_per_second"] > 0
+    assert during["tokens_out_per_second"] > 0
+    assert during["fanout_ratio"] > 0
     after = (await client.get("/v1/console/figures")).json()
     assert after["sse_clients"] == 0
     assert set(after["consumers"]) == {"sentences", "analytics"}

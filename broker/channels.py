@@ -40,6 +40,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 _ENTRY_ID_RE = re.compile(r"[0-9]{1,20}-[0-9]{1,20}")
+_SEQ_RE = re.compile(r"[0-9]{1,18}")  # ASCII only: str.isdigit() also takes superscripts
+_U64_MAX = 2**64 - 1  # both halves of a Redis stream id; Redis refuses larger ones
 _MAX_LIVE = 64  # generations a position may name (a token must fit in a header)
 
 
@@ -57,12 +59,14 @@ class ChannelPosition:
     def parse(cls, text: str) -> ChannelPosition:
         """Raises ``InvalidResumePoint`` for anything :meth:`encode` does not make."""
         first, *rest = text.split("~")
-        if not _ENTRY_ID_RE.fullmatch(first) or len(rest) > _MAX_LIVE:
+        if not _ENTRY_ID_RE.fullmatch(first) or len(rest) > _MAX_LIVE or any(
+            int(half) > _U64_MAX for half in first.split("-")
+        ):
             raise InvalidResumePoint("not a channel position")
         live: dict[str, int] = {}
         for item in rest:
             gid, _, seq = item.rpartition(".")
-            if not is_generation_id(gid) or not seq.isdigit() or len(seq) > 18:
+            if not is_generation_id(gid) or not _SEQ_RE.fullmatch(seq):
                 raise InvalidResumePoint("not a channel position")
             live[gid] = int(seq)
         return cls(first, live)

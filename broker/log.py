@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 import redis.asyncio as aioredis
+from redis.exceptions import NoScriptError
 
 from broker.events import STATUSES, Event, decode_entry, dumps, encode_fields
 from broker.keys import GenerationKeys, Keyspace, entry_id, seq_of
@@ -37,8 +38,11 @@ _APPEND = """
 local meta = redis.call('HMGET', KEYS[2], 'status', 'last_seq', 'cancel')
 local status = meta[1]
 if status ~= 'running' then return {-1, status or ''} end
+-- The lease is the fencing token: only its holder appends.  A producer whose lease expired
+-- (it was paused, or cut off from Redis, past lease_seconds) never gets it back: nobody
+-- re-grants a lease, so its appends stay refused and the generation is reaped.
 local holder = redis.call('GET', KEYS[4])
-if holder and holder ~= ARGV[1] then return {-2, holder} end
+if holder ~= ARGV[1] then return {-2, holder or ''} end
 local last = tonumber(meta[2] or '0')
 local n = tonumber(ARGV[4])
 local i = 5
@@ -77,7 +81,7 @@ if not status then return {0, ''} end
 if status ~= 'running' then return {0, status} end
 local holder = redis.call('GET', KEYS[4])
 if ARGV[2] == 'owner' then
-  if holder and holder ~= ARGV[1] then return {0, 'running'} end
+  if holder ~= ARGV[1] then return {0, 'running'} end
 elseif ARGV[2] == 'orphaned' then
   if holder then return {0, 'running'} end
 end
@@ -91,6 +95,14 @@ redis.call('EXPIRE', KEYS[1], ttl)
 redis.call('EXPIRE', KEYS[2], ttl)
 if redis.call('EXISTS', KEYS[3]) == 1 then redis.call('EXPIRE', KEYS[3], ttl) end
 return {seq, ARGV[6]}
+"""
+
+# KEYS: lease.  ARGV: owner, lease ms.  Renews the lease only for the producer that holds it:
+# a lease that expired, or that finish or a reaper removed, is never recreated.
+_RENEW = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return 1
 """
 
 _REQUEST_CANCEL = """
@@ -166,7 +178,7 @@ class AppendResult:
 
 
 class GenerationFenced(Exception):
-    """The generation is no longer ours to write: it finished, or another producer leads it."""
+    """The generation is no longer ours to write: it finished, or our lease on it expired."""
 
 
 def decode_entries(raw: list[StreamEntry]) -> list[Event]:
@@ -204,6 +216,7 @@ class GenerationLog:
         self._append = redis.register_script(_APPEND)
         self._finish = redis.register_script(_FINISH)
         self._request_cancel = redis.register_script(_REQUEST_CANCEL)
+        self._renew = redis.register_script(_RENEW)
         self._hold = redis.register_script(_HOLD)
         self._claim_key = redis.register_script(_CLAIM_KEY)
 
@@ -272,8 +285,13 @@ class GenerationLog:
             fields = encode_fields(etype, data, ts)
             args += [seq, fields[1], fields[3], fields[5], text]
         last, flag = await self._append(keys=list(keys.all()), args=args)
+        if int(last) == -1:
+            raise GenerationFenced(f"generation {gid} has ended ({_s(flag) or 'gone'})")
         if int(last) < 0:
-            raise GenerationFenced(f"generation {gid} refused the append ({_s(flag)})")
+            raise GenerationFenced(
+                f"generation {gid}: this producer lost its lease"
+                + (f" (held by {_s(flag)})" if flag else "")
+            )
         reason = _s(flag) if isinstance(flag, bytes) else None
         return AppendResult(last_seq=int(last), cancel_reason=reason or None)
 
@@ -402,6 +420,38 @@ class GenerationLog:
             self.keys(gid).log, min=entry_id(after + 1), max="+", count=count
         ))
         return decode_entries(raw)
+
+    async def renew_leases(self, gids: list[str], owner: str, lease_ms: int) -> list[bool]:
+        """Renew ``owner``'s leases on ``gids`` (one pipeline); ``False`` for each lease that
+        ``owner`` no longer holds (expired, or the generation ended): that producer is lost
+        and must stop, since its appends are refused from now on."""
+        renewed: list[bool] = []
+        for attempt in range(2):
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for gid in gids:
+                    pipe.evalsha(self._renew.sha, 1, self.keys(gid).lease, owner, lease_ms)
+                replies = await pipe.execute(raise_on_error=False)
+            if attempt == 0 and any(isinstance(r, NoScriptError) for r in replies):
+                await self.redis.script_load(_RENEW)  # a restarted or flushed Redis
+                continue
+            for reply in replies:
+                if isinstance(reply, Exception):
+                    raise reply
+                renewed.append(bool(reply))
+            break
+        return renewed
+
+    async def lease_state(self, gids: list[str]) -> list[tuple[str, int]]:
+        """``(status, lease ms left)`` of each of ``gids``, in one pipeline: status ``""``
+        for a generation whose metadata is gone, ms left -2 where no lease exists."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for gid in gids:
+                keys = self.keys(gid)
+                pipe.hget(keys.meta, "status")
+                pipe.pttl(keys.lease)
+            replies = await pipe.execute()
+        return [((replies[i] or b"").decode(), int(replies[i + 1]))
+                for i in range(0, len(replies), 2)]
 
     async def lease_alive(self, gids: list[str]) -> list[bool]:
         async with self.redis.pipeline(transaction=False) as pipe:

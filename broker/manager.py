@@ -1,9 +1,10 @@
 """The generation manager: owns this process's producer tasks.
 
-It starts generations, keeps their leases alive while the upstream is quiet, follows the
-control stream so that a cancel posted to *any* broker process reaches the producer wherever
-it runs, and drains on shutdown: producers get ``shutdown_grace_seconds`` to finish, then are
-cancelled (each writes ``cancelled`` with reason ``shutdown``) and awaited.
+It starts generations, keeps their leases alive while the upstream is quiet (a producer
+whose lease could not be renewed because it expired is stopped), follows the control stream
+so that a cancel posted to *any* broker process reaches the producer wherever it runs, and
+drains on shutdown: no new generations, producers get ``shutdown_grace_seconds`` to finish,
+then are cancelled (each writes ``error`` with code ``shutdown``) and awaited.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from redis.exceptions import RedisError
 
 from broker.backpressure import ConsumerGate
 from broker.connections import raise_if_cancelled
-from broker.errors import IdempotencyConflict, ShuttingDown
+from broker.errors import AtCapacity, IdempotencyConflict, ShuttingDown
 from broker.keys import new_generation_id
 from broker.log import GenerationLog, StreamEntry, XReadReply
 from broker.logs import generation_context
@@ -68,7 +69,9 @@ class GenerationManager:
         self.gate = gate
         self._producers: dict[str, tuple[Producer, asyncio.Task[None]]] = {}
         self._background: list[asyncio.Task[None]] = []
-        self._closing = False
+        self._draining = False
+        self._drain_task: asyncio.Task[None] | None = None
+        self._starting = 0  # start() calls between the capacity check and registration
 
     async def __aenter__(self) -> GenerationManager:
         # Resolve the control stream's current end before accepting work, so a cancel
@@ -93,13 +96,42 @@ class GenerationManager:
     def active(self) -> list[str]:
         return list(self._producers)
 
+    @property
+    def draining(self) -> bool:
+        """True once :meth:`drain` (or :meth:`aclose`) began: ``start`` refuses new work."""
+        return self._draining
+
+    def drain(self) -> None:
+        """Stop taking new generations (``start`` raises ``ShuttingDown``) and give the
+        running ones ``shutdown_grace_seconds`` from now to finish; those still running then
+        end with ``error``/``shutdown``.  Returns at once (the deadline runs in a task this
+        manager owns, awaited by :meth:`aclose`); calling it again changes nothing."""
+        if self._draining:
+            return
+        self._draining = True
+        self._drain_task = asyncio.create_task(self._end_within_grace(),
+                                               name="tokentee-drain")
+
+    async def _end_within_grace(self) -> None:
+        # No producer can register after drain() began: start() re-checks the flag after
+        # its only await, so this snapshot is complete.
+        tasks = [task for _, task in self._producers.values()]
+        if not tasks:
+            return
+        _, pending = await asyncio.wait(tasks, timeout=self.settings.shutdown_grace_seconds)
+        for gid, (producer, task) in list(self._producers.items()):
+            if task in pending and _cancel(producer, task, "shutdown"):
+                logger.info("generation %s ended by shutdown", gid)
+        await asyncio.gather(*pending, return_exceptions=True)
+
     async def start(
         self, request: GenerationRequest, provider_name: str | None = None, *,
         idempotency_key: str | None = None, channel: str | None = None,
     ) -> GenerationInfo:
         """Validate, create and start a generation; return once it is in the log.
 
-        Raises ``UnknownProvider`` / ``ProviderConfigError`` before anything is written.  The
+        Raises ``UnknownProvider`` / ``ProviderConfigError`` before anything is written, and
+        ``AtCapacity`` when this process already runs ``max_active_generations``.  The
         producer task belongs to this manager, not to the caller: it keeps running when the
         caller goes away.
 
@@ -111,8 +143,10 @@ class GenerationManager:
         With ``channel``, the generation is also announced on that channel, whose followers
         get the events of every generation started in it.
         """
-        if self._closing:
-            raise ShuttingDown("this broker process is shutting down")
+        if self._draining:
+            raise ShuttingDown(
+                "this broker process is shutting down; start the generation on another one"
+            )
         name = provider_name or self.settings.default_provider
         provider = self.providers.validate(name, request)
         model = provider.model_for(request)
@@ -128,24 +162,37 @@ class GenerationManager:
             earlier = await self._reserve(idempotency_key, reservation, ttl)
             if earlier is not None:
                 return earlier
+        # Counted with the starts still awaiting Redis, so concurrent ones cannot overshoot.
+        limit = self.settings.max_active_generations
+        full = limit > 0 and len(self._producers) + self._starting >= limit
+        self._starting += 1
         try:
+            if full:
+                raise AtCapacity(f"this process already runs its limit of {limit} generations")
             await self.log.create(
                 gid, provider=name, model=model, owner=self.owner,
                 lease_ms=self.settings.lease_ms, ttl_seconds=ttl, created=created,
                 channel=channel,
             )
-            if self._closing:
-                # aclose() began while we created it: it would not see this producer.  End
+            if self._draining:
+                # drain() began while we created it: it would not see this producer.  End
                 # the generation here instead of starting a producer nobody drains.
-                await self.log.finish(gid, "cancelled", {"reason": "shutdown"},
-                                      owner=self.owner, finish_reason="cancelled")
-                raise ShuttingDown("this broker process is shutting down")
+                await self.log.finish(
+                    gid, "error", {"code": "shutdown", "message": "the broker process shut"
+                                   " down before the generation started"},
+                    owner=self.owner, finish_reason="error",
+                )
+                raise ShuttingDown(
+                    "this broker process is shutting down; start the generation on another one"
+                )
         except BaseException:
             if idempotency_key is not None:
                 # Not started (or ended at once): a retry with the key starts afresh.
                 with contextlib.suppress(RedisError):
                     await self.log.swap_idempotency(idempotency_key, reservation, None, ttl)
             raise
+        finally:
+            self._starting -= 1
         producer = Producer(self.log, gid, provider, request, self.settings, self.owner,
                             self.gate, self.metrics)
         task = asyncio.create_task(producer.run(), name=f"tokentee-producer-{gid}")
@@ -239,7 +286,9 @@ class GenerationManager:
                         self.gate.notify(gid)
 
     async def _renew_leases(self) -> None:
-        """Keep leases of quiet producers alive (appends renew them too)."""
+        """Keep leases of quiet producers alive (appends renew them too).  Renewal is fenced
+        (``_RENEW``: only the holder renews, nothing recreates a lease), so a producer whose
+        lease expired learns it here, and is stopped: its appends would be refused."""
         interval = self.settings.lease_seconds / 3
         lease_ms = self.settings.lease_ms
         while True:
@@ -249,34 +298,34 @@ class GenerationManager:
             if not gids:
                 continue
             try:
-                async with self.log.redis.pipeline(transaction=False) as pipe:
-                    for gid in gids:
-                        # XX: never resurrect a lease that finish() or a reaper removed.
-                        pipe.set(self.log.keys(gid).lease, self.owner, px=lease_ms, xx=True)
-                    await pipe.execute()
+                renewed = await self.log.renew_leases(gids, self.owner, lease_ms)
             except RedisError as exc:  # retried at the next interval, well within the lease
                 self.metrics.redis_error("lease_renew")
                 logger.warning("lease renewal failed: %s", exc)
+                continue
+            for gid, ok in zip(gids, renewed, strict=True):
+                # A producer that finished meanwhile (its lease deleted) is finishing, and
+                # cancel_local leaves it alone.
+                if not ok and self.cancel_local(gid, "lease_lost"):
+                    logger.warning("generation %s: lease lost; producer stops", gid)
 
     async def aclose(self) -> None:
-        """Drain: let producers finish within the grace period, then cancel and await them.
+        """Drain (see :meth:`drain`; the grace period counts from the first call) and await
+        every producer.
 
         Background tasks (control listener, lease renewal) are stopped afterwards, even if
-        the drain itself is cancelled.
+        the drain itself is cancelled: they run until then, so cancels from other processes
+        still reach draining producers and their leases stay alive.
         """
-        self._closing = True
+        self.drain()
         try:
-            # No producer can register after this point: start() re-checks _closing after
-            # its only await, so this snapshot is complete.
-            tasks = [task for _, task in self._producers.values()]
-            if tasks:
-                _, pending = await asyncio.wait(
-                    tasks, timeout=self.settings.shutdown_grace_seconds
-                )
-                for gid, (producer, task) in list(self._producers.items()):
-                    if task in pending and _cancel(producer, task, "shutdown"):
-                        logger.info("generation %s cancelled by shutdown", gid)
-                await asyncio.gather(*pending, return_exceptions=True)
+            if self._drain_task is not None:
+                try:
+                    await asyncio.shield(self._drain_task)
+                except asyncio.CancelledError:
+                    self._drain_task.cancel()
+                    await asyncio.gather(self._drain_task, return_exceptions=True)
+                    raise
         finally:
             for task in self._background:
                 task.cancel()

@@ -121,9 +121,13 @@ class Producer:
         except CancelRequested as request:
             terminal = ("cancelled", {"reason": request.reason}, "cancelled")
         except GenerationFenced as exc:
-            logger.info("generation %s: %s", self.gid, exc)
+            # Ended by someone else (a cancel of an orphan, a reaper), or our lease expired
+            # while we were paused or cut off: write nothing of ours.
+            logger.warning("generation %s: %s; producer stops", self.gid, exc)
+            self.finishing = True
+            await self._end_orphaned()
         except asyncio.CancelledError:
-            terminal = ("cancelled", {"reason": self.cancel_reason}, "cancelled")
+            terminal = self._cancelled_terminal()
             raise
         except RedisError as exc:
             logger.error("generation %s: redis failed: %s", self.gid, exc)
@@ -134,6 +138,25 @@ class Producer:
         finally:
             if terminal is not None:
                 await self._finish_despite_cancels(terminal)
+
+    def _cancelled_terminal(self) -> Terminal:
+        if self.cancel_reason == "shutdown":
+            return _error("shutdown",
+                          "the broker process shut down before the generation finished")
+        if self.cancel_reason == "lease_lost":
+            return _error("producer_lost", "the producer of this generation lost its lease")
+        return ("cancelled", {"reason": self.cancel_reason}, "cancelled")
+
+    async def _end_orphaned(self) -> None:
+        """Our lease is gone: end the generation with ``producer_lost`` unless it has ended
+        or someone holds it (the same idempotent write as a watchdog's, so whichever comes
+        first writes the one terminal entry).  Without it, a generation whose producer
+        outlived its lease would wait for a watchdog or a reader's reaper."""
+        try:
+            await self._retrying(functools.partial(self.log.reap_if_orphaned, self.gid))
+        except RedisError as exc:
+            logger.error("generation %s: could not end it after losing the lease: %s",
+                         self.gid, exc)
 
     async def _finish_despite_cancels(self, terminal: Terminal) -> None:
         """Write the terminal entry even if another cancel lands meanwhile.
@@ -166,7 +189,8 @@ class Producer:
                 self._count_tokens(self._pending)
                 self._pending.clear()
             except GenerationFenced as exc:
-                logger.info("generation %s: %s", self.gid, exc)
+                logger.warning("generation %s: %s; producer stops", self.gid, exc)
+                await self._end_orphaned()
                 return
             except Exception:
                 # Whatever broke the pending batch must not also cost the terminal entry:
@@ -186,7 +210,11 @@ class Producer:
             # the generation with ``producer_lost``, so no reader hangs.
             logger.error("generation %s: could not write terminal entry: %s", self.gid, exc)
             return
-        if not seq:
+        if not seq and status == "running":
+            # The finish script refused us as owner: our lease expired (or was never ours).
+            logger.warning("generation %s: this producer lost its lease", self.gid)
+            await self._end_orphaned()
+        elif not seq:
             logger.info("generation %s had already ended (%s)", self.gid, status)
         else:
             logger.info("generation %s ended: %s (%s) after %d entries", self.gid, etype,

@@ -42,9 +42,9 @@ async def hub_running(broker: Broker) -> str | None:
 
 
 async def not_draining(broker: Broker) -> str | None:
-    """The broker is not draining for shutdown (``Broker.draining``, where the broker has
-    that flag): a draining replica takes no new work, so it leaves the load balancer."""
-    return "draining for shutdown" if getattr(broker, "draining", False) else None
+    """The broker is not draining for shutdown (``Broker.draining``): a draining replica
+    takes no new work, so it leaves the load balancer."""
+    return "draining for shutdown" if broker.draining else None
 
 
 #: Run in order by ``GET /readyz``; append ``(name, check)`` to add one.

@@ -13,6 +13,7 @@ import uvicorn
 from uvicorn.config import LOGGING_CONFIG
 
 from broker.api import create_app
+from broker.auth import install_redaction, warn_if_open
 from broker.connections import check_reachable, command_client
 from broker.service import Broker
 from broker.settings import Settings
@@ -59,8 +60,12 @@ def build_server(
     config = uvicorn.Config(
         app, host=settings.host, port=settings.port, log_level=log_level, log_config=log_config,
         access_log=access_log, lifespan="on",
+        # X-Forwarded-For/-Proto from TOKENTEE_TRUSTED_PROXIES only (uvicorn's default
+        # trusts loopback, which would let any local process pose as any client).
+        proxy_headers=True, forwarded_allow_ips=settings.trusted_proxy_list,
         timeout_graceful_shutdown=int(settings.shutdown_grace_seconds) + 5,
     )
+    install_redaction(settings)  # after uvicorn.Config, which sets up uvicorn's log handlers
     return TokenteeServer(config, shutdown)
 
 
@@ -68,6 +73,7 @@ async def serve(settings: Settings, *, log_level: str = "info") -> None:
     """``tokentee serve``: the API until SIGINT/SIGTERM.  Raises :class:`RedisUnavailable`
     before listening if the configured Redis cannot be used (uvicorn would otherwise report
     it as a failed startup with a traceback)."""
+    warn_if_open(settings)
     if settings.redis_url is not None:
         client = command_client(settings.redis_url, settings)
         try:

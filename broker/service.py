@@ -34,6 +34,7 @@ from broker.metrics import BrokerMetrics
 from broker.providers import ProviderRegistry
 from broker.providers.base import GenerationRequest
 from broker.settings import Settings
+from broker.watchdog import LeaseWatchdog
 from consumers.catalog import Announcement, follow_catalog
 from consumers.runtime import ConsumerType, Worker, running_workers
 from consumers.store import ConsumerStore
@@ -68,6 +69,7 @@ class Broker:
         self.manager = manager
         self.url = url
         self.gate: ConsumerGate | None = None
+        self.watchdog: LeaseWatchdog | None = None
         self.workers: list[Worker] = []
         self.consumer_store = ConsumerStore(redis, log.keyspace, settings.retention_seconds)
 
@@ -101,6 +103,14 @@ class Broker:
             log = GenerationLog.for_settings(redis, settings)
             metrics = BrokerMetrics()
             hub = await stack.enter_async_context(Hub(log, hub_redis, settings, metrics))
+            watchdog = None
+            if settings.watchdog:
+                # Entered before the manager, so it keeps watching while producers drain.
+                watchdog_redis = blocking_client(url, settings, "watchdog")
+                stack.push_async_callback(watchdog_redis.aclose)
+                watchdog = await stack.enter_async_context(
+                    LeaseWatchdog(log, watchdog_redis, settings)
+                )
             gate = await stack.enter_async_context(
                 ConsumerGate(redis, log.keyspace, settings)
             )
@@ -114,6 +124,7 @@ class Broker:
             )
             broker = cls(settings, redis, log, hub, manager, url, metrics)
             broker.gate = gate
+            broker.watchdog = watchdog
             broker.workers = workers
             yield broker
 
@@ -131,6 +142,18 @@ class Broker:
             raise ValueError("a channel name is 1-128 characters of [A-Za-z0-9_.:-]")
         return await self.manager.start(request, provider, idempotency_key=idempotency_key,
                                         channel=channel)
+
+    @property
+    def draining(self) -> bool:
+        """True once :meth:`drain` was called (or the broker is closing)."""
+        return self.manager.draining
+
+    def drain(self) -> None:
+        """Begin a graceful stop: :meth:`start` raises ``ShuttingDown`` from now on (HTTP
+        503), running generations get ``shutdown_grace_seconds`` to finish, and those still
+        running then end with ``error``/``shutdown``.  Reading, cancelling and the consumer
+        workers go on until the broker is closed.  Idempotent; returns at once."""
+        self.manager.drain()
 
     async def channel(self, name: str, after: str | None = None
                       ) -> AsyncIterator[ChannelEvent]:

@@ -69,7 +69,7 @@ async def run_worker(settings: Settings, ctype: ConsumerType,
     try:
         await check_reachable(redis, url)
         log = GenerationLog.for_settings(redis, settings)
-        async with Hub(log, hub_redis, settings) as hub, running_workers(
+        async with Hub(log, hub_redis, settings, reap=False) as hub, running_workers(
             [ctype], settings, redis_url=url, redis=redis, log=log, hub=hub,
         ) as (worker,):
             waits = [asyncio.create_task(stop.wait()), asyncio.create_task(worker.failed.wait())]

@@ -168,7 +168,7 @@ async def test_readers_of_a_generation_that_vanished_from_redis_end(redis_url: s
     assert events[-1].seq == 2
 
 
-async def test_shutdown_cancels_running_producers(redis_url: str) -> None:
+async def test_shutdown_ends_running_producers_with_an_error(redis_url: str) -> None:
     settings = make_settings(redis_url, shutdown_grace_seconds=0.0)
     async with Broker.open(settings) as broker:
         info = await broker.start(request(max_tokens=10_000, tokens_per_second=50))
@@ -178,12 +178,20 @@ async def test_shutdown_cancels_running_producers(redis_url: str) -> None:
         entries = await client.xrange(log.keys(info.id).log)
     finally:
         await client.aclose()
-    assert entries[-1][1][b"type"] == b"cancelled"
-    assert b"shutdown" in entries[-1][1][b"data"]
+    assert entries[-1][1][b"type"] == b"error"
+    assert b'"code":"shutdown"' in entries[-1][1][b"data"]
+
+
+def lasting_tasks() -> set[asyncio.Task[object]]:
+    """Every task but redis-py's command sends in flight: on Python 3.11 its ``wait_for``
+    runs each send as a short-lived task of its own (a background loop's read may be
+    starting at any moment)."""
+    return {t for t in asyncio.all_tasks()
+            if getattr(t.get_coro(), "__name__", "") != "_send_packed_command"}
 
 
 async def test_no_leaks_after_readers_leave(broker: Broker) -> None:
-    baseline = len(asyncio.all_tasks())
+    baseline = lasting_tasks()
     info = await broker.start(request(max_tokens=10_000, tokens_per_second=100))
     readers = []
     started = asyncio.Event()
@@ -206,7 +214,7 @@ async def test_no_leaks_after_readers_leave(broker: Broker) -> None:
     assert broker.hub.stream_count == 0
     await broker.cancel(info.id)
     await broker.manager.wait(info.id)
-    assert len(asyncio.all_tasks()) == baseline
+    assert lasting_tasks() == baseline
 
 
 async def test_readers_joining_and_resuming_at_random_points_see_no_gap(

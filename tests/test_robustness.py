@@ -123,7 +123,8 @@ async def test_start_racing_shutdown_leaves_no_producer_behind(
         starting = asyncio.create_task(broker.start(request))
         await created.wait()
         closing = asyncio.create_task(broker.manager.aclose())
-        await asyncio.sleep(0)  # aclose has begun: it sets _closing first
+        await asyncio.sleep(0)  # aclose has begun: it drains first
+        assert broker.draining
         proceed.set()
         with pytest.raises(ShuttingDown):
             await starting
@@ -132,7 +133,8 @@ async def test_start_racing_shutdown_leaves_no_producer_behind(
         catalog = await broker.redis.xrange(broker.log.keyspace.catalog)
         gid = catalog[-1][1][b"id"].decode()
         state = await broker.state(gid)
-        assert state.meta.status == "cancelled"
+        assert state.meta.status == "error"
+        assert state.meta.extra["error_code"] == "shutdown"
 
 
 @pytest.mark.skipif(bool(os.environ.get("TOKENTEE_TEST_REDIS_URL")),
@@ -140,7 +142,8 @@ async def test_start_racing_shutdown_leaves_no_producer_behind(
 async def test_reaper_survives_a_redis_error_that_is_not_a_disconnect(
     redis_url: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    settings = make_settings(redis_url, lease_seconds=0.3)
+    # No watchdog: the hub's reaper must be the one that ends the generation.
+    settings = make_settings(redis_url, lease_seconds=0.3, watchdog=False)
     failed = asyncio.Event()
 
     class Flag(logging.Handler):

@@ -308,6 +308,11 @@ async def test_two_readers_a_dropped_one_and_a_late_one_see_the_same_text(
     await page.wait_for_function(
         f"document.getElementById('recent-body').textContent.includes('{gid}')")
     assert await page.locator("#gen-status").text_content() == "done"
+    # The list shows the end without waiting for its next poll.
+    row = page.locator("#recent-body tr", has=page.get_by_role(
+        "button", name=f"Watch generation {gid}"))
+    await row.locator("td.status-done").wait_for(timeout=5_000)
+    assert (await page.locator("#fg-fanout").text_content() or "").endswith("\u00d7")
     assert await page.locator(".u-wrap").count() == 4  # the four charts are drawn
     await page.screenshot(path=screenshot_path("console.png"), full_page=True)
     # Watching it again from the list replays the finished generation in fresh panes.

@@ -306,8 +306,10 @@
   }
 
   function generationEnded(type) {
+    if ($("gen-status").textContent === type) return; // each pane reports the end
     $("gen-status").textContent = type;
     $("cancel-button").disabled = true;
+    refreshRecent();
   }
 
   async function followSentences(gid) {
@@ -449,6 +451,7 @@
       $("fg-sse").textContent = f.sse_clients;
       $("fg-in").textContent = f.tokens_in_per_second;
       $("fg-out").textContent = f.tokens_out_per_second;
+      $("fg-fanout").textContent = f.fanout_ratio.toFixed(2) + "×";
       const types = Object.keys(f.consumers).sort();
       $("fg-lag").textContent = types.length
         ? types.map((t) => t + " " + (f.consumers[t].lag || 0)).join(", ")

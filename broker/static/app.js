@@ -190,7 +190,7 @@
       const event = { type: e.type, data: JSON.parse(e.data), id };
       if (TERMINAL.includes(event.type)) {
         this.finished = true;
-        this.source.close();
+        e.target.close(); // the stream that delivered it, whatever this.source is now
       }
       if (this.paused) {
         this.held.push(event);

@@ -28,7 +28,6 @@ import contextlib
 import logging
 from collections.abc import Iterator
 from types import TracebackType
-from typing import cast
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
@@ -38,6 +37,28 @@ from broker.keys import Keyspace
 from broker.settings import Settings
 
 logger = logging.getLogger(__name__)
+
+
+# KEYS: consumer types hash, dead-letter counts hash (one slot).  Redis's clock and both
+# hashes from the node that holds them: on a cluster every node has its own clock, and the
+# heartbeats were stamped with this one.
+_LIVENESS = """
+return {redis.call('TIME'), redis.call('HGETALL', KEYS[1]), redis.call('HGETALL', KEYS[2])}
+"""
+
+
+def _pairs(flat: list[bytes]) -> dict[bytes, bytes]:
+    return dict(zip(flat[::2], flat[1::2], strict=True))
+
+
+async def read_liveness(
+    redis: aioredis.Redis, keyspace: Keyspace
+) -> tuple[int, dict[bytes, bytes], dict[bytes, bytes]]:
+    """``(now ms, type -> last heartbeat ms, type -> dead letters)`` on Redis's clock."""
+    now_t, beats, dead = await redis.eval(
+        _LIVENESS, 2, keyspace.consumer_types, keyspace.dead_letter_counts
+    )
+    return clock_ms(now_t), _pairs(beats), _pairs(dead)
 
 
 class ConsumerGate:
@@ -80,15 +101,11 @@ class ConsumerGate:
         return self.max_lag > 0
 
     async def refresh(self) -> None:
-        async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.time()
-            pipe.hgetall(self.keyspace.consumer_types)
-            now_t, beats = await pipe.execute()
-        now_ms = clock_ms(now_t)
+        now_ms, beats, _dead = await read_liveness(self.redis, self.keyspace)
         stall_ms = self.settings.stall_timeout_seconds * 1000
         live: list[str] = []
         stalled: list[str] = []
-        for raw_type, raw_ms in sorted(cast(dict[bytes, bytes], beats).items()):
+        for raw_type, raw_ms in sorted(beats.items()):
             (live if now_ms - int(raw_ms) <= stall_ms else stalled).append(raw_type.decode())
         for ctype in set(stalled) - set(self.stalled):
             logger.warning(

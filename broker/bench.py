@@ -30,8 +30,10 @@ import httpx
 import psutil  # type: ignore[import-untyped]  # no stubs here (types-psutil)
 import redis.asyncio as aioredis
 from httpx_sse import SSEError, aconnect_sse
+from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import RedisError
 
+from broker.connections import is_cluster_url, node_url
 from broker.embedded import _parent_death_preexec, embedded_redis, free_loopback_port
 from broker.errors import TokenteeError
 from broker.events import TERMINAL_TYPES
@@ -107,14 +109,11 @@ async def run_bench(
         url = settings.redis_url
         if url is None:
             url = await stack.enter_async_context(embedded_redis())
-        probe = aioredis.Redis.from_url(
-            url, decode_responses=True, single_connection_client=True, socket_timeout=10,
-            protocol=2,
-        )
+        probe = _probe(url, settings)
         stack.push_async_callback(probe.aclose)
         run = _Run(generations, readers, tokens, rate, probe, consumers)
         # Connected before the broker starts: this probe, and other clients of a shared Redis.
-        outsiders = int((await probe.info("clients"))["connected_clients"])
+        outsiders = int((await _info(probe, "clients"))["connected_clients"])
         try:
             mode = _via_api if via == "api" else _via_sse
             process = await mode(settings, url, run, limit)
@@ -125,6 +124,36 @@ async def run_bench(
     report = _report(run, stamps, outsiders, process, via)
     print(json.dumps(report, indent=2))
     return bool(report["ok"])
+
+
+def _probe(url: str, settings: Settings) -> aioredis.Redis:
+    """The bench's own client: one connection, or one per node of a cluster."""
+    if is_cluster_url(url, settings):
+        return cast(aioredis.Redis, RedisCluster.from_url(
+            node_url(url), decode_responses=True, socket_timeout=10, protocol=2))
+    return aioredis.Redis.from_url(
+        url, decode_responses=True, single_connection_client=True, socket_timeout=10,
+        protocol=2,
+    )
+
+
+async def _info(probe: aioredis.Redis, section: str) -> dict[str, Any]:
+    """``INFO section``; on a cluster the masters' numbers added up (the counters, and the
+    calls of each command), with the first master's version."""
+    if not isinstance(probe, RedisCluster):
+        return await probe.info(section)
+    per_node = cast(dict[str, dict[str, Any]],
+                    await probe.info(section, target_nodes=RedisCluster.PRIMARIES))
+    total: dict[str, Any] = {}
+    for info in per_node.values():
+        for key, value in info.items():
+            if isinstance(value, dict) and "calls" in value:
+                total.setdefault(key, {"calls": 0})["calls"] += int(value["calls"])
+            elif isinstance(value, int | float) and not isinstance(value, bool):
+                total[key] = total.get(key, 0) + value
+            else:
+                total.setdefault(key, value)
+    return total
 
 
 async def _via_api(settings: Settings, url: str, run: _Run, limit: float) -> dict[str, Any]:
@@ -173,7 +202,11 @@ async def _via_sse(settings: Settings, url: str, run: _Run, limit: float) -> dic
     env = {**os.environ, "REDIS_URL": url, "TOKENTEE_REDIS_URL": url,
            "TOKENTEE_KEY_PREFIX": settings.key_prefix, "TOKENTEE_HOST": "127.0.0.1",
            "TOKENTEE_CONSUMERS": "sentences,analytics" if run.consumers else "",
-           "TOKENTEE_SENTENCES_SINK": "off"}
+           "TOKENTEE_SENTENCES_SINK": "off",
+           # Its own loopback server, every reader from this one process: no auth, no
+           # per-client or per-process caps to measure around.
+           "TOKENTEE_API_TOKENS": "", "TOKENTEE_MAX_SSE_PER_CLIENT": "0",
+           "TOKENTEE_MAX_ACTIVE_GENERATIONS": "0"}
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "broker", "serve", "--port", str(port), "--log-level", "warning",
         env=env, stdout=asyncio.subprocess.DEVNULL,  # uvicorn's access log; stdout is ours
@@ -286,7 +319,7 @@ async def _drive(run: _Run, create: Create, follow: Follow, limit: float) -> Non
             tg.create_task(read(target, reader))
 
     # Everything (CPU, Redis counters, wall time) is measured over this same window.
-    run.redis.append(await run.probe.info("all"))
+    run.redis.append(await _info(run.probe, "all"))
     started, stop = time.perf_counter(), asyncio.Event()
     async with asyncio.TaskGroup() as outer:
         outer.create_task(_sample(run, stop))
@@ -299,7 +332,7 @@ async def _drive(run: _Run, create: Create, follow: Follow, limit: float) -> Non
         finally:
             run.wall = time.perf_counter() - started
             stop.set()
-    run.redis.append(await run.probe.info("all"))
+    run.redis.append(await _info(run.probe, "all"))
 
 
 async def _sample(run: _Run, stop: asyncio.Event) -> None:
@@ -308,7 +341,7 @@ async def _sample(run: _Run, stop: asyncio.Event) -> None:
     # then run forever.  A connection that lives less than 100 ms may go unseen.
     try:
         while not stop.is_set():
-            run.clients.append(int((await run.probe.info("clients"))["connected_clients"]))
+            run.clients.append(int((await _info(run.probe, "clients"))["connected_clients"]))
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(0.1):
                     await stop.wait()

@@ -26,12 +26,13 @@ from typing import TYPE_CHECKING, cast
 
 from redis.exceptions import RedisError
 
-from broker.connections import blocking_client, raise_if_cancelled
+from broker.connections import raise_if_cancelled
 from broker.errors import GenerationNotFound, InvalidResumePoint
 from broker.events import Event
 from broker.formats import native_frame
 from broker.keys import is_generation_id
 from broker.log import XReadReply
+from broker.logs import set_generation
 
 if TYPE_CHECKING:
     from broker.service import Broker
@@ -39,6 +40,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 _ENTRY_ID_RE = re.compile(r"[0-9]{1,20}-[0-9]{1,20}")
+_SEQ_RE = re.compile(r"[0-9]{1,18}")  # ASCII only: str.isdigit() also takes superscripts
+_U64_MAX = 2**64 - 1  # both halves of a Redis stream id; Redis refuses larger ones
 _MAX_LIVE = 64  # generations a position may name (a token must fit in a header)
 
 
@@ -56,12 +59,14 @@ class ChannelPosition:
     def parse(cls, text: str) -> ChannelPosition:
         """Raises ``InvalidResumePoint`` for anything :meth:`encode` does not make."""
         first, *rest = text.split("~")
-        if not _ENTRY_ID_RE.fullmatch(first) or len(rest) > _MAX_LIVE:
+        if not _ENTRY_ID_RE.fullmatch(first) or len(rest) > _MAX_LIVE or any(
+            int(half) > _U64_MAX for half in first.split("-")
+        ):
             raise InvalidResumePoint("not a channel position")
         live: dict[str, int] = {}
         for item in rest:
             gid, _, seq = item.rpartition(".")
-            if not is_generation_id(gid) or not seq.isdigit() or len(seq) > 18:
+            if not is_generation_id(gid) or not _SEQ_RE.fullmatch(seq):
                 raise InvalidResumePoint("not a channel position")
             live[gid] = int(seq)
         return cls(first, live)
@@ -93,6 +98,7 @@ async def follow_channel(
     waiting: deque[tuple[str, str]] = deque()  # announcements not taken in yet
 
     async def pump(gid: str, after: int) -> None:
+        set_generation(gid)  # this task follows gid alone: its log lines say so
         while True:
             try:
                 async with broker.subscribe(gid, after) as cursor:
@@ -110,8 +116,7 @@ async def follow_channel(
                 await asyncio.sleep(0.5)
 
     async def announcements(last: str) -> None:
-        client = blocking_client(broker.url, broker.settings, "channel")
-        try:
+        async with broker.reader_client("channel") as client:
             while True:
                 raise_if_cancelled()
                 try:
@@ -127,8 +132,6 @@ async def follow_channel(
                         last = entry_id.decode()
                         gid = fields.get(b"id", b"").decode("utf-8", "replace")
                         await queue.put(("ann", last, gid))
-        finally:
-            await client.aclose()
 
     def start(gid: str, after: int) -> None:
         task = asyncio.create_task(pump(gid, after), name=f"tokentee-channel-{gid}")

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 from typing import Annotated
 
 import typer
 
+from broker.logs import configure_logging
 from broker.settings import Settings
 
 app = typer.Typer(
@@ -21,7 +21,28 @@ def _settings(**overrides: object) -> Settings:
     return Settings(**{k: v for k, v in overrides.items() if v is not None})  # type: ignore[arg-type]
 
 
-@app.command()
+def _env_epilog() -> str:
+    names = [" or ".join(env) for env in Settings.env_names_by_field().values()]
+    return (
+        "Settings come from these environment variables (README.md, Configuration, says"
+        " what each does; a TOKENTEE_ name wins over its unprefixed alias): "
+        + ", ".join(names) + "."
+    )
+
+
+LogFormatOption = Annotated[str | None, typer.Option(
+    "--log-format", help="'text' or 'json' (one JSON object per line, with generation_id);"
+    " default: TOKENTEE_LOG_FORMAT, else text.",
+)]
+
+
+def _log_format(value: str | None) -> str | None:
+    if value is not None and value not in ("text", "json"):
+        raise typer.BadParameter("--log-format must be 'text' or 'json'")
+    return value
+
+
+@app.command(epilog=_env_epilog())
 def serve(
     host: Annotated[str | None, typer.Option(help="Interface to bind.")] = None,
     port: Annotated[int | None, typer.Option(help="Port to bind.")] = None,
@@ -29,6 +50,7 @@ def serve(
     no_consumers: Annotated[bool, typer.Option(
         "--no-consumers", help="Do not run the durable consumers (TOKENTEE_CONSUMERS) here.",
     )] = False,
+    log_format: LogFormatOption = None,
 ) -> None:
     """Run the HTTP API (embedded Redis and the simulated provider unless configured).
 
@@ -38,8 +60,9 @@ def serve(
     from broker.errors import RedisUnavailable
     from broker.server import serve as run
 
-    logging.basicConfig(level=log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
-    settings = _settings(host=host, port=port, consumers="" if no_consumers else None)
+    settings = _settings(host=host, port=port, consumers="" if no_consumers else None,
+                         log_format=_log_format(log_format))
+    configure_logging(log_level, settings.log_format)
     try:
         asyncio.run(run(settings, log_level=log_level.lower()))
     except RedisUnavailable as exc:
@@ -54,6 +77,7 @@ def consume(
     )],
     workers: Annotated[int, typer.Option(min=1, help="Worker processes to run.")] = 1,
     log_level: Annotated[str, typer.Option(help="Log level.")] = "info",
+    log_format: LogFormatOption = None,
 ) -> None:
     """Run durable consumer workers against the broker's Redis (REDIS_URL required).
 
@@ -63,8 +87,8 @@ def consume(
     from broker.errors import ConsumerConfigError, RedisUnavailable
     from consumers.process import load_consumer_type, run_worker, supervise
 
-    logging.basicConfig(level=log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
-    settings = _settings()
+    settings = _settings(log_format=_log_format(log_format))
+    configure_logging(log_level, settings.log_format)
     try:
         if workers > 1:
             raise typer.Exit(supervise(consumer_type, workers, settings, log_level))
@@ -110,6 +134,29 @@ def bench(
                   rate=rate, via=via, consumers=consumers)
     )
     raise typer.Exit(0 if ok else 1)
+
+
+@app.command()
+def upstream(
+    host: Annotated[str, typer.Option(help="Interface to bind.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=0, max=65535, help="Port to bind (0: any free"
+                                      " one).")] = 9000,
+    tokens: Annotated[int, typer.Option(min=0, help="Completion length of requests that"
+                                        " give no max_tokens.")] = 64,
+    rate: Annotated[float, typer.Option(min=0, help="Tokens per second (0: as fast as"
+                                        " possible).")] = 20.0,
+    log_level: Annotated[str, typer.Option(help="Log level.")] = "info",
+    log_format: LogFormatOption = None,
+) -> None:
+    """Serve a simulated OpenAI-compatible LLM (POST /v1/chat/completions, streaming or
+    not), to run the stack without an API key: set OPENAI_BASE_URL=http://HOST:PORT/v1 and
+    TOKENTEE_DEFAULT_PROVIDER=openai on the API.  Prints that URL once listening."""
+    from broker.upstream import run_upstream
+
+    fmt = _settings(log_format=_log_format(log_format)).log_format
+    configure_logging(log_level, fmt)
+    asyncio.run(run_upstream(host, port, tokens=tokens, rate=rate, log_level=log_level.lower(),
+                             json_logs=fmt == "json"))
 
 
 def main() -> None:

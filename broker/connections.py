@@ -13,16 +13,26 @@ pinned so that reply shapes do not change with the redis-py default (8.x switche
 redis-py >= 5 disconnects a connection whose read was cancelled, so a cancelled blocking read
 never hands a connection with an unread reply to the next user (CVE-2023-28858 class);
 ``tests/test_connections.py`` checks that property.
+
+Redis Cluster: a URL ``redis+cluster://host:port`` (``rediss+cluster://`` with TLS), or any
+``redis://``/``rediss://`` URL with ``TOKENTEE_REDIS_CLUSTER=true``, names a cluster by one or
+more of its nodes.  Both kinds of client are then redis-py's ``RedisCluster``, which keeps a
+pool per node, routes each command to the node that owns its key's slot and follows
+``MOVED``/``ASK`` and failovers.  It has the same command methods as ``Redis``; it is typed as
+``Redis`` here so that the rest of the code is written once.  Every multi-key command the
+broker sends stays inside one hash slot (see ``broker/keys.py``), and the hub reads each slot
+separately (``broker/hub.py``).
 """
 
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from typing import Any, cast
 from urllib.parse import urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
+from redis.asyncio.cluster import ClusterPipeline, RedisCluster
+from redis.exceptions import ClusterError, RedisClusterException, RedisError
 
 from broker.errors import RedisUnavailable
 from broker.settings import Settings
@@ -43,8 +53,72 @@ def _common(url: str, settings: Settings, role: str) -> dict[str, Any]:
     return options
 
 
+CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
+# The cluster client opens connections per node as needed up to this many per node and then
+# raises (it cannot wait for a free one as ``BlockingConnectionPool`` does), so its cap is a
+# multiple of the standalone pool's.
+_CLUSTER_CONNECTIONS_PER_POOL_SLOT = 8
+# Cap per node for the hub (one connection per slot it reads at once) and for the client that
+# a broker's channel, catalog and records readers share on a cluster (one per reader).
+_MANY_CLUSTER_CONNECTIONS = 16_384
+
+
+def is_cluster_url(url: str, settings: Settings | None = None) -> bool:
+    """Whether ``url`` names a Redis Cluster (its scheme, or ``settings.redis_cluster`` for a
+    TCP URL: a unix socket, such as the embedded Redis's, is never a cluster)."""
+    scheme = url.partition("://")[0].lower()
+    if scheme in CLUSTER_SCHEMES:
+        return True
+    return scheme in ("redis", "rediss") and settings is not None and settings.redis_cluster
+
+
+def node_url(url: str) -> str:
+    """``url`` with a ``redis+cluster`` scheme turned into the plain one redis-py parses."""
+    scheme, sep, rest = url.partition("://")
+    return CLUSTER_SCHEMES.get(scheme.lower(), scheme) + sep + rest
+
+
+class ClusterUnavailable(ClusterError):
+    """A cluster failure that redis-py raises outside ``RedisError`` (no node serves a slot
+    during a failover, no node could be reached), re-raised as a ``RedisError`` so that
+    every retry loop and error mapping that handles Redis failures handles it too."""
+
+
+class _Cluster(RedisCluster):
+    async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return await super().execute_command(*args, **kwargs)
+        except RedisClusterException as exc:
+            raise ClusterUnavailable(str(exc)) from exc
+
+    def pipeline(self, transaction: Any | None = None, shard_hint: Any | None = None
+                 ) -> ClusterPipeline:
+        if shard_hint:
+            raise ClusterUnavailable("shard_hint is not supported in cluster mode")
+        return _ClusterPipeline(self, transaction)  # type: ignore[abstract]
+
+
+class _ClusterPipeline(ClusterPipeline):
+    async def execute(self, raise_on_error: bool = True, allow_redirections: bool = True
+                      ) -> list[Any]:
+        try:
+            return await super().execute(raise_on_error, allow_redirections)
+        except RedisClusterException as exc:
+            raise ClusterUnavailable(str(exc)) from exc
+
+
+def _cluster(url: str, settings: Settings, role: str, per_node: int) -> aioredis.Redis:
+    client = _Cluster.from_url(
+        node_url(url), max_connections=per_node, **_common(url, settings, role)
+    )
+    return cast(aioredis.Redis, client)  # same command methods; see the module docstring
+
+
 def command_client(url: str, settings: Settings) -> aioredis.Redis:
     """The shared client for non-blocking commands (waits for a free pooled connection)."""
+    if is_cluster_url(url, settings):
+        return _cluster(url, settings, "commands",
+                        settings.redis_max_connections * _CLUSTER_CONNECTIONS_PER_POOL_SLOT)
     pool = aioredis.BlockingConnectionPool.from_url(
         url, max_connections=settings.redis_max_connections, timeout=30,
         **_common(url, settings, "commands"),
@@ -52,8 +126,17 @@ def command_client(url: str, settings: Settings) -> aioredis.Redis:
     return aioredis.Redis.from_pool(pool)
 
 
-def blocking_client(url: str, settings: Settings, role: str = "reader") -> aioredis.Redis:
-    """A client with exactly one connection, for one long blocking reader."""
+def blocking_client(url: str, settings: Settings, role: str = "reader", *,
+                    many: bool = False) -> aioredis.Redis:
+    """A client with exactly one connection, for one long blocking reader.
+
+    On a cluster: a client with at most one connection per node, except for the hub
+    (``role="hub"``), which holds one connection per hash slot it reads (``broker/hub.py``),
+    and with ``many``, a client shared by concurrent blocking readers, one connection each.
+    """
+    if is_cluster_url(url, settings):
+        many = many or role == "hub"
+        return _cluster(url, settings, role, _MANY_CLUSTER_CONNECTIONS if many else 2)
     pool = aioredis.BlockingConnectionPool.from_url(
         url, max_connections=1, timeout=30, **_common(url, settings, role)
     )

@@ -51,3 +51,12 @@ class IdempotencyConflict(TokenteeError, ValueError):
 class RedisUnavailable(TokenteeError, ConnectionError):
     """Redis could not be used at startup: unreachable, refused the credentials, or failed
     TLS verification.  The message names the URL with its password redacted."""
+
+
+class AtCapacity(TokenteeError, RuntimeError):
+    """This process already runs ``TOKENTEE_MAX_ACTIVE_GENERATIONS`` generations (HTTP 503
+    with ``Retry-After``; another replica, or this one a little later, can take it)."""
+
+
+class TooManyStreams(TokenteeError, RuntimeError):
+    """The client already has ``TOKENTEE_MAX_SSE_PER_CLIENT`` open event streams (HTTP 429)."""

@@ -5,6 +5,12 @@ readers for, plus a private *wake* stream: to add a stream to a read that is alr
 the hub appends to its wake stream, the read returns, and the next read names the new stream.
 No connection per reader, no polling, no cancelled blocking reads in normal operation.
 
+On a Redis Cluster one ``XREAD`` may only name keys of one hash slot, so the hub keeps one
+*read group* per slot that has live streams: each with its own blocking ``XREAD`` (sent to
+the node that owns the slot, on a connection of its own while it blocks), its own wake stream
+in that slot, and its own reader task, which ends when the slot has no live stream left.
+Without a cluster there is one group for everything, as described above.
+
 A :class:`Cursor` is one reader's position (``last`` delivered seq).  Two modes:
 
 - *live*: the hub appends new entries to the cursor's bounded buffer as it reads them;
@@ -41,13 +47,17 @@ from types import TracebackType
 from typing import Any, cast
 
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
+from redis.asyncio.cluster import RedisCluster
+from redis.crc import key_slot
+from redis.exceptions import RedisClusterException, RedisError
 
 from broker.connections import raise_if_cancelled
 from broker.errors import GenerationNotFound, InvalidResumePoint
 from broker.events import Event
 from broker.keys import entry_id
 from broker.log import GenerationLog, StreamEntry, XReadReply, decode_entries
+from broker.logs import generation_context
+from broker.metrics import BrokerMetrics
 from broker.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -59,11 +69,12 @@ _BATCH_FROM_STREAMS = 32
 class _Stream:
     """Hub state for one generation that has at least one cursor in this process."""
 
-    __slots__ = ("activity", "cursors", "gid", "head", "log_key", "terminal_seq")
+    __slots__ = ("activity", "cursors", "gid", "head", "log_key", "slot", "terminal_seq")
 
     def __init__(self, gid: str, log_key: str, head: int, terminal_seq: int | None) -> None:
         self.gid = gid
         self.log_key = log_key
+        self.slot: int | None = None  # the log's hash slot when Redis is a cluster
         self.head = head  # highest seq this hub knows to be in the log
         self.terminal_seq = terminal_seq
         self.cursors: set[Cursor] = set()
@@ -72,6 +83,24 @@ class _Stream:
     @property
     def live(self) -> bool:
         return self.terminal_seq is None
+
+
+class _ReadGroup:
+    """The live streams read by one blocking ``XREAD``: those of one hash slot on a cluster
+    (``slot``), else all of them (``slot`` None)."""
+
+    __slots__ = ("blocked", "by_key", "slot", "task", "wake_key", "wake_key_bytes",
+                 "wake_last", "woken")
+
+    def __init__(self, slot: int | None, wake_key: str) -> None:
+        self.slot = slot
+        self.wake_key = wake_key
+        self.wake_key_bytes = wake_key.encode()
+        self.wake_last = "0-0"
+        self.by_key: dict[bytes, _Stream] = {}
+        self.blocked = False  # an XREAD of this group is in flight
+        self.woken = False  # the wake stream exists (delete it when done)
+        self.task: asyncio.Task[None] | None = None
 
 
 class Cursor:
@@ -221,23 +250,25 @@ class Hub:
     """Per-process fan-out from the log to cursors.  Use as an async context manager."""
 
     def __init__(
-        self, log: GenerationLog, block_redis: aioredis.Redis, settings: Settings, *,
-        reap: bool = True,
+        self, log: GenerationLog, block_redis: aioredis.Redis, settings: Settings,
+        metrics: BrokerMetrics | None = None, *, reap: bool = True,
     ) -> None:
         self.log = log
         # False in consumer worker processes: they end nobody's generation (that is the
         # API replicas' watchdog's job), they only notice one whose keys vanished.
         self.reap = reap
         self.settings = settings
+        self.metrics = metrics or BrokerMetrics()
         self._block_redis = block_redis
         self._id = secrets.token_hex(8)
-        self._wake_key = log.keyspace.hub_wake(self._id)
-        self._wake_key_bytes = self._wake_key.encode()
-        self._wake_last = "0-0"
+        self._cluster = isinstance(block_redis, RedisCluster)
         self._streams: dict[str, _Stream] = {}
-        self._by_key: dict[bytes, _Stream] = {}
+        # Read groups by hash slot; without a cluster, one permanent group (key None).
+        self._groups: dict[int | None, _ReadGroup] = {}
+        if not self._cluster:
+            self._groups[None] = _ReadGroup(None, log.keyspace.hub_wake(self._id))
+        self._group_serial = 0
         self._preparing: dict[str, asyncio.Task[_Stream]] = {}
-        self._blocked = False
         self._tasks: list[asyncio.Task[None]] = []
         self._cursors = 0
         self.idle = asyncio.Event()  # set while no cursor is open in this process
@@ -245,17 +276,18 @@ class Hub:
         self.reads = 0  # XREAD calls issued (for benchmarks)
 
     async def __aenter__(self) -> Hub:
-        self._tasks = [
-            asyncio.create_task(self._reader(), name="tokentee-hub-reader"),
-            asyncio.create_task(self._reaper(), name="tokentee-hub-reaper"),
-        ]
+        self._tasks = [asyncio.create_task(self._reaper(), name="tokentee-hub-reaper")]
+        if not self._cluster:
+            self._start_group(self._groups[None])
         return self
 
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        tasks = [*self._tasks, *self._preparing.values()]
+        groups = list(self._groups.values())
+        tasks = [*self._tasks, *self._preparing.values(),
+                 *(g.task for g in groups if g.task is not None)]
         for task in tasks:
             task.cancel()
         for outcome in await asyncio.gather(*tasks, return_exceptions=True):
@@ -265,10 +297,18 @@ class Hub:
         for stream in list(self._streams.values()):
             for cursor in list(stream.cursors):
                 cursor._close()
-        with contextlib.suppress(RedisError):
-            await self.log.redis.delete(self._wake_key)
+        for group in groups:
+            if group.woken or group.slot is None:
+                with contextlib.suppress(RedisError, RedisClusterException):
+                    await self.log.redis.delete(group.wake_key)
 
     # --- public API ----------------------------------------------------------------------------
+
+    @property
+    def running(self) -> bool:
+        """True while the hub's reader and reaper tasks run (false before ``__aenter__``,
+        after ``__aexit__``, or if one of them died)."""
+        return bool(self._tasks) and not any(task.done() for task in self._tasks)
 
     @property
     def stream_count(self) -> int:
@@ -277,6 +317,12 @@ class Hub:
     @property
     def cursor_count(self) -> int:
         return self._cursors
+
+    @property
+    def read_groups(self) -> int:
+        """Blocking reads this hub runs at once: 1, or on a cluster one per hash slot with
+        live streams."""
+        return sum(1 for g in self._groups.values() if g.task is not None)
 
     @contextlib.asynccontextmanager
     async def subscribe(self, gid: str, after: int = 0) -> AsyncIterator[Cursor]:
@@ -300,7 +346,7 @@ class Hub:
         self.idle.clear()
         try:
             if needs_wake:
-                await self._wake_reader()
+                await self._wake_reader(stream)
             if after > stream.head:
                 # The hub's head can trail the log by one read; ask the log before refusing.
                 meta = await self.log.meta(gid)
@@ -342,17 +388,48 @@ class Hub:
         if registered is not None:
             return registered, False
         self._streams[gid] = stream
-        if stream.live:
-            self._by_key[stream.log_key.encode()] = stream
-        return stream, stream.live
+        if not stream.live:
+            return stream, False
+        group = self._group_for(stream)
+        group.by_key[stream.log_key.encode()] = stream
+        if group.task is None and self._tasks:
+            # A new slot's group: its first read names the stream, no wake needed.
+            self._start_group(group)
+            return stream, False
+        return stream, True
 
     async def _load(self, gid: str) -> _Stream:
         meta = await self.log.meta(gid)
         if meta is None:
             raise GenerationNotFound(gid)
-        return _Stream(
+        stream = _Stream(
             gid, self.log.keys(gid).log, meta.last_seq, meta.last_seq if meta.terminal else None
         )
+        if self._cluster:
+            stream.slot = key_slot(stream.log_key.encode())
+        return stream
+
+    def _group_for(self, stream: _Stream) -> _ReadGroup:
+        group = self._groups.get(stream.slot)
+        if group is None:
+            # The wake stream must be in the slot: tag it with this generation's id.
+            self._group_serial += 1
+            wake = self.log.keyspace.hub_wake(f"{self._id}.{self._group_serial}", stream.gid)
+            group = self._groups[stream.slot] = _ReadGroup(stream.slot, wake)
+        return group
+
+    def _start_group(self, group: _ReadGroup) -> None:
+        name = "tokentee-hub-reader" if group.slot is None else f"tokentee-hub-slot-{group.slot}"
+        group.task = asyncio.create_task(self._reader(group), name=name)
+        if group.slot is not None:
+            group.task.add_done_callback(self._reader_done)
+
+    @staticmethod
+    def _reader_done(task: asyncio.Task[None]) -> None:
+        # A slot's reader that ended by itself is not awaited by ``__aexit__``: report its
+        # failure here (a bug: Redis errors are retried inside the loop).
+        if not task.cancelled() and task.exception() is not None:
+            logger.error("hub reader %s failed", task.get_name(), exc_info=task.exception())
 
     def _loaded(self, gid: str, task: asyncio.Task[_Stream]) -> None:
         if self._preparing.get(gid) is task:
@@ -365,61 +442,96 @@ class Hub:
             return
         if self._streams.get(stream.gid) is stream:
             del self._streams[stream.gid]
-        if self._by_key.get(stream.log_key.encode()) is stream:
-            del self._by_key[stream.log_key.encode()]
+        self._unfollow(stream)
         # A blocked XREAD may still name the stream; its reply is ignored when it returns.
 
-    async def _wake_reader(self) -> None:
+    def _unfollow(self, stream: _Stream) -> None:
+        group = self._groups.get(stream.slot)
+        if group is not None and group.by_key.get(stream.log_key.encode()) is stream:
+            del group.by_key[stream.log_key.encode()]
+
+    async def _wake_reader(self, stream: _Stream) -> None:
         """Make a blocked read return so that the next one names the new stream.
 
         Only a blocked read needs waking; otherwise the next read names the stream anyway.
         If the wake fails, the stream still joins the read after at most ``block_ms``, so the
         failure is logged, not raised (raising would strand readers already attached).
         """
-        if not self._blocked:
+        group = self._groups.get(stream.slot)
+        if group is None or not group.blocked:
             return
+        group.woken = True
         try:
             async with self.log.redis.pipeline(transaction=False) as pipe:
-                pipe.xadd(self._wake_key, {"w": "1"}, maxlen=16, approximate=True)
-                pipe.expire(self._wake_key, 86_400)  # outlives no crashed process by long
+                pipe.xadd(group.wake_key, {"w": "1"}, maxlen=16, approximate=True)
+                pipe.expire(group.wake_key, 86_400)  # outlives no crashed process by long
                 await pipe.execute()
-        except RedisError as exc:
+        except (RedisError, RedisClusterException) as exc:
             logger.warning("hub wake failed (%s); new stream joins at the next read", exc)
+            self.metrics.redis_error("hub_wake")
 
     # --- the reader ----------------------------------------------------------------------------
 
-    async def _reader(self) -> None:
+    async def _reader(self, group: _ReadGroup) -> None:
         backoff = 0.1
-        while True:
-            raise_if_cancelled()
-            try:
-                await self._read_once()
-                backoff = 0.1
-            except RedisError as exc:
-                # Any Redis failure: a dead reader would leave every cursor waiting.
-                logger.warning("hub read failed (%s); retrying in %.1fs", exc, backoff)
-                await asyncio.sleep(backoff)  # reconnect backoff, not a data poll
-                backoff = min(backoff * 2, 5.0)
-
-    async def _read_once(self) -> None:
-        names: dict[Any, Any] = {self._wake_key: self._wake_last}
-        for key, stream in self._by_key.items():
-            names[key] = entry_id(stream.head)
-        # Building ``names`` and setting ``_blocked`` happen with no await in between, so a
-        # stream attached after this point finds ``_blocked`` set and wakes the read.
-        self._blocked = True
         try:
-            reply = cast(XReadReply | None, await self._block_redis.xread(
+            while True:
+                raise_if_cancelled()
+                if group.slot is not None and not group.by_key:
+                    return  # no live stream left in this slot; a new one starts a new group
+                try:
+                    await self._read_once(group)
+                    backoff = 0.1
+                except (RedisError, RedisClusterException) as exc:
+                    # Any Redis failure (on a cluster also a failover, or a slot that no
+                    # node serves for a moment): a dead reader would leave cursors waiting.
+                    self.metrics.redis_error("hub_read")
+                    logger.warning("hub read failed (%s); retrying in %.1fs", exc, backoff)
+                    await asyncio.sleep(backoff)  # reconnect backoff, not a data poll
+                    backoff = min(backoff * 2, 5.0)
+        finally:
+            if group.slot is not None and self._groups.get(group.slot) is group:
+                del self._groups[group.slot]  # with no await since the check above
+                if group.woken:
+                    with contextlib.suppress(RedisError, RedisClusterException):
+                        await self.log.redis.delete(group.wake_key)
+
+    async def _xread(self, group: _ReadGroup, names: dict[Any, Any]) -> XReadReply | None:
+        if group.slot is None:
+            return cast(XReadReply | None, await self._block_redis.xread(
                 names, block=self.settings.block_ms, count=self.settings.catchup_batch
             ))
+        # Straight to the node that owns the slot.  (``xread`` would first ask a node for
+        # the command's keys, ``COMMAND GETKEYS``: one more round trip per read.)  On
+        # ``MOVED`` redis-py updates its slot map and retries on the new owner; after a
+        # connection error it reloads the map, here before the node is picked.
+        cluster = cast(RedisCluster, self._block_redis)
+        await cluster.initialize()  # a no-op unless the map is missing or stale
+        node = cluster.nodes_manager.get_node_from_slot(group.slot)
+        return cast(XReadReply | None, await cluster.execute_command(
+            "XREAD", "COUNT", self.settings.catchup_batch, "BLOCK", self.settings.block_ms,
+            "STREAMS", *names.keys(), *names.values(), target_nodes=node,
+        ))
+
+    async def _read_once(self, group: _ReadGroup | None = None) -> None:
+        group = group or self._groups[None]
+        names: dict[Any, Any] = {group.wake_key: group.wake_last}
+        for key, stream in group.by_key.items():
+            names[key] = entry_id(stream.head)
+        # Building ``names`` and setting ``blocked`` happen with no await in between, so a
+        # stream attached after this point finds ``blocked`` set and wakes the read.
+        group.blocked = True
+        try:
+            with self.metrics.hub_read_seconds.time():
+                reply = await self._xread(group, names)
         finally:
-            self._blocked = False
+            group.blocked = False
         self.reads += 1
         for key, entries in reply or []:
-            if key == self._wake_key_bytes:
-                self._wake_last = entries[-1][0].decode()
+            if key == group.wake_key_bytes:
+                group.wake_last = entries[-1][0].decode()
                 continue
-            target = self._by_key.get(key)
+            target = group.by_key.get(key)
             if target is not None:
                 self._dispatch(target, entries)
         if reply and self.settings.hub_batch_ms and len(names) > _BATCH_FROM_STREAMS:
@@ -441,7 +553,7 @@ class Hub:
         stream.activity = time.monotonic()
         if events[-1].terminal:
             stream.terminal_seq = events[-1].seq
-            self._by_key.pop(stream.log_key.encode(), None)
+            self._unfollow(stream)
         for cursor in stream.cursors:
             cursor._offer(events)
 
@@ -451,7 +563,8 @@ class Hub:
         stream = self._streams.get(gid)
         if stream is None or not stream.live:
             return
-        logger.warning("generation %s vanished from Redis; ending its readers", gid)
+        with generation_context(gid):
+            logger.warning("generation %s vanished from Redis; ending its readers", gid)
         self._deliver(stream, [_lost(stream.head + 1)])
 
     # --- the reaper ----------------------------------------------------------------------------
@@ -479,4 +592,5 @@ class Hub:
                     if outcome == "missing":
                         self._lose(gid)
             except RedisError as exc:  # OOM, READONLY, ...: retried at the next check
+                self.metrics.redis_error("reaper")
                 logger.warning("reaper check failed: %s", exc)

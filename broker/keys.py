@@ -2,7 +2,10 @@
 
 All keys of one generation carry the generation id as their Redis Cluster hash tag
 (``<prefix>:{<id>}:...``), so the multi-key scripts that append entries and finish a
-generation touch a single hash slot.  Process-wide keys (catalog, control stream) have no tag.
+generation touch a single hash slot.  Process-wide keys (catalog, control stream, channels,
+idempotency keys) have no tag: each is one key in a slot of its own, and no command names one
+of them together with a generation's keys.  The few global keys that one script writes
+together share a tag of their own (the consumers' liveness hashes; a type's totals).
 """
 
 from __future__ import annotations
@@ -22,8 +25,15 @@ CHANNEL_RE = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
 CONSUMER_TYPE_RE = re.compile(r"[a-z][a-z0-9_-]{0,31}")
 
 
+# Random bytes in a generation id: 144 bits, above the 128 that make an id unguessable
+# (knowing an id is what lets a reader in when auth is off).  18 bytes are 24 base64
+# characters without padding.
+GENERATION_ID_BYTES = 18
+
+
 def new_generation_id() -> str:
-    return "g" + secrets.token_urlsafe(15)
+    """``g`` and 24 url-safe base64 characters (144 random bits from ``secrets``)."""
+    return "g" + secrets.token_urlsafe(GENERATION_ID_BYTES)
 
 
 def is_generation_id(value: str) -> bool:
@@ -144,6 +154,18 @@ class Keyspace:
         key name)."""
         return f"{self.prefix}:idem:{hashlib.sha256(key.encode()).hexdigest()}"
 
-    def hub_wake(self, hub_id: str) -> str:
-        """Private stream a hub includes in its blocking read, to be woken for new streams."""
-        return f"{self.prefix}:hub:{hub_id}:wake"
+    def sse_slots(self, client: str) -> str:
+        """Sorted set: one member per open event stream of ``client`` (hashed: any client id
+        is a safe key name), scored by when it expires (Redis clock, ms).  Replicas refresh
+        their members; a crashed replica's age out."""
+        return f"{self.prefix}:sse:{hashlib.sha256(client.encode()).hexdigest()[:32]}"
+
+    def hub_wake(self, hub_id: str, tag: str | None = None) -> str:
+        """Private stream a hub includes in its blocking read, to be woken for new streams.
+
+        On a cluster a hub reads each hash slot separately, and the wake stream of a slot's
+        read must be in that slot: ``tag`` is then the id of a generation in the slot, used
+        as the key's hash tag."""
+        if tag is None:
+            return f"{self.prefix}:hub:{hub_id}:wake"
+        return f"{self.prefix}:{{{tag}}}:hub:{hub_id}:wake"

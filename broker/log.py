@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import NoScriptError
 
 from broker.events import STATUSES, Event, decode_entry, dumps, encode_fields
@@ -429,7 +430,11 @@ class GenerationLog:
         for attempt in range(2):
             async with self.redis.pipeline(transaction=False) as pipe:
                 for gid in gids:
-                    pipe.evalsha(self._renew.sha, 1, self.keys(gid).lease, owner, lease_ms)
+                    if isinstance(self.redis, RedisCluster):
+                        # redis-py's cluster pipeline refuses EVALSHA; EVAL it routes by key
+                        pipe.eval(_RENEW, 1, self.keys(gid).lease, owner, lease_ms)
+                    else:
+                        pipe.evalsha(self._renew.sha, 1, self.keys(gid).lease, owner, lease_ms)
                 replies = await pipe.execute(raise_on_error=False)
             if attempt == 0 and any(isinstance(r, NoScriptError) for r in replies):
                 await self.redis.script_load(_RENEW)  # a restarted or flushed Redis

@@ -25,9 +25,11 @@ from redis.exceptions import RedisError
 
 from broker.backpressure import ConsumerGate
 from broker.connections import raise_if_cancelled
-from broker.errors import IdempotencyConflict, ShuttingDown
+from broker.errors import AtCapacity, IdempotencyConflict, ShuttingDown
 from broker.keys import new_generation_id
 from broker.log import GenerationLog, StreamEntry, XReadReply
+from broker.logs import generation_context
+from broker.metrics import BrokerMetrics
 from broker.producer import Producer
 from broker.providers import ProviderRegistry
 from broker.providers.base import GenerationRequest
@@ -56,8 +58,10 @@ class GenerationManager:
     def __init__(
         self, log: GenerationLog, providers: ProviderRegistry, settings: Settings,
         control_redis: aioredis.Redis, gate: ConsumerGate | None = None,
+        metrics: BrokerMetrics | None = None,
     ) -> None:
         self.log = log
+        self.metrics = metrics or BrokerMetrics()
         self.providers = providers
         self.settings = settings
         self.owner = f"p-{secrets.token_hex(8)}"
@@ -67,6 +71,7 @@ class GenerationManager:
         self._background: list[asyncio.Task[None]] = []
         self._draining = False
         self._drain_task: asyncio.Task[None] | None = None
+        self._starting = 0  # start() calls between the capacity check and registration
 
     async def __aenter__(self) -> GenerationManager:
         # Resolve the control stream's current end before accepting work, so a cancel
@@ -125,7 +130,8 @@ class GenerationManager:
     ) -> GenerationInfo:
         """Validate, create and start a generation; return once it is in the log.
 
-        Raises ``UnknownProvider`` / ``ProviderConfigError`` before anything is written.  The
+        Raises ``UnknownProvider`` / ``ProviderConfigError`` before anything is written, and
+        ``AtCapacity`` when this process already runs ``max_active_generations``.  The
         producer task belongs to this manager, not to the caller: it keeps running when the
         caller goes away.
 
@@ -156,7 +162,13 @@ class GenerationManager:
             earlier = await self._reserve(idempotency_key, reservation, ttl)
             if earlier is not None:
                 return earlier
+        # Counted with the starts still awaiting Redis, so concurrent ones cannot overshoot.
+        limit = self.settings.max_active_generations
+        full = limit > 0 and len(self._producers) + self._starting >= limit
+        self._starting += 1
         try:
+            if full:
+                raise AtCapacity(f"this process already runs its limit of {limit} generations")
             await self.log.create(
                 gid, provider=name, model=model, owner=self.owner,
                 lease_ms=self.settings.lease_ms, ttl_seconds=ttl, created=created,
@@ -179,10 +191,13 @@ class GenerationManager:
                 with contextlib.suppress(RedisError):
                     await self.log.swap_idempotency(idempotency_key, reservation, None, ttl)
             raise
+        finally:
+            self._starting -= 1
         producer = Producer(self.log, gid, provider, request, self.settings, self.owner,
-                            self.gate)
+                            self.gate, self.metrics)
         task = asyncio.create_task(producer.run(), name=f"tokentee-producer-{gid}")
         self._producers[gid] = (producer, task)
+        self.metrics.active_generations += 1
         task.add_done_callback(lambda _t, gid=gid: self._producer_done(gid))  # type: ignore[misc]
         return GenerationInfo(id=gid, provider=name, model=model, created=created)
 
@@ -222,9 +237,11 @@ class GenerationManager:
         entry = self._producers.pop(gid, None)
         if entry is None:
             return
+        self.metrics.active_generations -= 1
         task = entry[1]
         if not task.cancelled() and task.exception() is not None:
-            logger.error("producer %s crashed", gid, exc_info=task.exception())
+            with generation_context(gid):
+                logger.error("producer %s crashed", gid, exc_info=task.exception())
 
     def cancel_local(self, gid: str, reason: str = "requested", *,
                      stop_code: str | None = None) -> bool:
@@ -253,6 +270,7 @@ class GenerationManager:
                     {key: last_id}, block=self.settings.block_ms, count=100
                 ))
             except RedisError as exc:  # connection, OOM, READONLY...: back off, retry
+                self.metrics.redis_error("control_read")
                 logger.warning("control stream read failed (%s); retrying", exc)
                 await asyncio.sleep(0.5)  # back off before reconnecting, not a data poll
                 continue
@@ -264,7 +282,8 @@ class GenerationManager:
                     if op == b"cancel":
                         reason = fields.get(b"reason", b"requested").decode()
                         if self.cancel_local(gid, reason):
-                            logger.info("cancelling generation %s (%s)", gid, reason)
+                            with generation_context(gid):
+                                logger.info("cancelling generation %s (%s)", gid, reason)
                     elif op == b"progress" and self.gate is not None:
                         self.gate.notify(gid)
 
@@ -283,6 +302,7 @@ class GenerationManager:
             try:
                 renewed = await self.log.renew_leases(gids, self.owner, lease_ms)
             except RedisError as exc:  # retried at the next interval, well within the lease
+                self.metrics.redis_error("lease_renew")
                 logger.warning("lease renewal failed: %s", exc)
                 continue
             for gid, ok in zip(gids, renewed, strict=True):

@@ -40,6 +40,8 @@ from broker.events import (
     dumps,
 )
 from broker.log import GenerationFenced, GenerationLog
+from broker.logs import generation_context
+from broker.metrics import BrokerMetrics
 from broker.providers.base import GenerationRequest, Provider
 from broker.settings import Settings
 
@@ -72,8 +74,10 @@ class Producer:
     def __init__(
         self, log: GenerationLog, gid: str, provider: Provider, request: GenerationRequest,
         settings: Settings, owner: str, gate: ConsumerGate | None = None,
+        metrics: BrokerMetrics | None = None,
     ) -> None:
         self.log = log
+        self.metrics = metrics or BrokerMetrics()
         self.gid = gid
         self.provider = provider
         self.request = request
@@ -98,6 +102,12 @@ class Producer:
         self._limit_version = -1  # gate.version the limit was computed for
 
     async def run(self) -> None:
+        """Run the generation to its terminal entry.  Every log line meanwhile (the writer
+        task's included) carries the generation's id."""
+        with generation_context(self.gid):
+            await self._run()
+
+    async def _run(self) -> None:
         terminal: Terminal | None = None
         deadline = asyncio.timeout(self.settings.max_generation_seconds)
         try:
@@ -176,6 +186,7 @@ class Producer:
                         self.log.append, self.gid, self.owner, self.lease_ms, self._pending
                     )
                 )
+                self._count_tokens(self._pending)
                 self._pending.clear()
             except GenerationFenced as exc:
                 logger.warning("generation %s: %s; producer stops", self.gid, exc)
@@ -205,6 +216,9 @@ class Producer:
             await self._end_orphaned()
         elif not seq:
             logger.info("generation %s had already ended (%s)", self.gid, status)
+        else:
+            logger.info("generation %s ended: %s (%s) after %d entries", self.gid, etype,
+                        reason, seq)
 
     async def _pump(self) -> Terminal:
         try:
@@ -349,11 +363,15 @@ class Producer:
             result = await self._retrying(
                 functools.partial(self.log.append, self.gid, self.owner, self.lease_ms, batch)
             )
+            self._count_tokens(batch)
             del self._pending[: len(batch)]
             self._drained.set()
             if result.cancel_reason is not None:
                 raise CancelRequested(result.cancel_reason)
 
+
+    def _count_tokens(self, written: list[PendingEntry]) -> None:
+        self.metrics.tokens_in += sum(1 for entry in written if entry[1] == "token")
 
     async def _retrying(self, call: Callable[[], Awaitable[T]]) -> T:
         """Run a log write, retrying connection failures with backoff.
@@ -368,8 +386,11 @@ class Producer:
         while True:
             try:
                 return await call()
-            except (RedisConnectionError, RedisTimeoutError) as exc:
-                if loop.time() + delay > give_up:
+            except RedisError as exc:
+                self.metrics.redis_error("log_write")
+                if not isinstance(exc, RedisConnectionError | RedisTimeoutError) or (
+                    loop.time() + delay > give_up
+                ):
                     raise
                 logger.warning("generation %s: redis write failed (%s); retrying", self.gid, exc)
                 await asyncio.sleep(delay)

@@ -10,8 +10,10 @@ import threading
 from collections.abc import Iterator
 
 import uvicorn
+from uvicorn.config import LOGGING_CONFIG
 
 from broker.api import create_app
+from broker.auth import install_redaction, warn_if_open
 from broker.connections import check_reachable, command_client
 from broker.service import Broker
 from broker.settings import Settings
@@ -52,11 +54,18 @@ def build_server(
 ) -> TokenteeServer:
     shutdown = asyncio.Event()
     app = create_app(settings, broker=broker, shutdown=shutdown)
+    # JSON logs: uvicorn's loggers go through the root handler that configure_logging()
+    # installed, instead of uvicorn's own text handlers.
+    log_config = None if settings.log_format == "json" else LOGGING_CONFIG
     config = uvicorn.Config(
-        app, host=settings.host, port=settings.port, log_level=log_level,
+        app, host=settings.host, port=settings.port, log_level=log_level, log_config=log_config,
         access_log=access_log, lifespan="on",
+        # X-Forwarded-For/-Proto from TOKENTEE_TRUSTED_PROXIES only (uvicorn's default
+        # trusts loopback, which would let any local process pose as any client).
+        proxy_headers=True, forwarded_allow_ips=settings.trusted_proxy_list,
         timeout_graceful_shutdown=int(settings.shutdown_grace_seconds) + 5,
     )
+    install_redaction(settings)  # after uvicorn.Config, which sets up uvicorn's log handlers
     return TokenteeServer(config, shutdown)
 
 
@@ -64,6 +73,7 @@ async def serve(settings: Settings, *, log_level: str = "info") -> None:
     """``tokentee serve``: the API until SIGINT/SIGTERM.  Raises :class:`RedisUnavailable`
     before listening if the configured Redis cannot be used (uvicorn would otherwise report
     it as a failed startup with a traceback)."""
+    warn_if_open(settings)
     if settings.redis_url is not None:
         client = command_client(settings.redis_url, settings)
         try:

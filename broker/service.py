@@ -22,7 +22,7 @@ import redis.asyncio as aioredis
 
 from broker.backpressure import ConsumerGate
 from broker.channels import ChannelEvent, ChannelPosition, follow_channel
-from broker.connections import blocking_client, check_reachable, command_client
+from broker.connections import blocking_client, check_reachable, command_client, is_cluster_url
 from broker.embedded import embedded_redis
 from broker.errors import GenerationNotFound
 from broker.events import Event
@@ -30,6 +30,7 @@ from broker.hub import Cursor, Hub
 from broker.keys import entry_id, is_channel, is_generation_id, seq_of
 from broker.log import GenerationLog, GenerationMeta, XReadReply
 from broker.manager import GenerationInfo, GenerationManager
+from broker.metrics import BrokerMetrics
 from broker.providers import ProviderRegistry
 from broker.providers.base import GenerationRequest
 from broker.settings import Settings
@@ -56,9 +57,12 @@ class Broker:
 
     def __init__(
         self, settings: Settings, redis: aioredis.Redis, log: GenerationLog, hub: Hub,
-        manager: GenerationManager, url: str,
+        manager: GenerationManager, url: str, metrics: BrokerMetrics | None = None,
     ) -> None:
         self.settings = settings
+        # This process's figures (GET /metrics; snapshot() for dashboards), shared with the
+        # hub and the manager that :meth:`open` built.
+        self.metrics = metrics or manager.metrics
         self.redis = redis
         self.log = log
         self.hub = hub
@@ -68,6 +72,7 @@ class Broker:
         self.watchdog: LeaseWatchdog | None = None
         self.workers: list[Worker] = []
         self.consumer_store = ConsumerStore(redis, log.keyspace, settings.retention_seconds)
+        self._shared_readers: aioredis.Redis | None = None  # on a cluster (reader_client)
 
     @classmethod
     @contextlib.asynccontextmanager
@@ -94,10 +99,15 @@ class Broker:
             stack.push_async_callback(hub_redis.aclose)
             control_redis = blocking_client(url, settings, "control")
             stack.push_async_callback(control_redis.aclose)
+            shared_readers = None
+            if is_cluster_url(url, settings):  # see reader_client
+                shared_readers = blocking_client(url, settings, "readers", many=True)
+                stack.push_async_callback(shared_readers.aclose)
             registry = providers or ProviderRegistry.from_settings(settings)
             stack.push_async_callback(registry.aclose)
             log = GenerationLog.for_settings(redis, settings)
-            hub = await stack.enter_async_context(Hub(log, hub_redis, settings))
+            metrics = BrokerMetrics()
+            hub = await stack.enter_async_context(Hub(log, hub_redis, settings, metrics))
             watchdog = None
             if settings.watchdog:
                 # Entered before the manager, so it keeps watching while producers drain.
@@ -115,9 +125,10 @@ class Broker:
             if workers and gate.enabled:
                 await gate.refresh()  # our own workers just checked in: count them at once
             manager = await stack.enter_async_context(
-                GenerationManager(log, registry, settings, control_redis, gate)
+                GenerationManager(log, registry, settings, control_redis, gate, metrics)
             )
-            broker = cls(settings, redis, log, hub, manager, url)
+            broker = cls(settings, redis, log, hub, manager, url, metrics)
+            broker._shared_readers = shared_readers
             broker.gate = gate
             broker.watchdog = watchdog
             broker.workers = workers
@@ -205,18 +216,31 @@ class Broker:
         _check_id(gid)
         return self.hub.subscribe(gid, after)
 
+    @contextlib.asynccontextmanager
+    async def reader_client(self, role: str) -> AsyncIterator[aioredis.Redis]:
+        """A client for one blocking reader (a channel's announcements, the catalog, a
+        consumer's records), with a connection of its own.  On a cluster it is one shared
+        cluster client, which gives each concurrent read its own connection to the node
+        that serves the key: a new cluster client would first load the slot map and the
+        command table (100 ms and more) for every reader."""
+        if self._shared_readers is not None:
+            yield self._shared_readers
+            return
+        client = blocking_client(self.url, self.settings, role)
+        try:
+            yield client
+        finally:
+            await client.aclose()
+
     async def generations(self, after: str = "$") -> AsyncIterator[Announcement]:
         """Every generation announced on the catalog after position ``after`` (``"$"``: from
         now on, ``"0"``: all that are kept), from any broker process, forever.  Holds one
         dedicated Redis connection while iterating."""
-        client = blocking_client(self.url, self.settings, "catalog")
-        try:
+        async with self.reader_client("catalog") as client:
             async for announcement in follow_catalog(
                 client, self.log.keyspace, after=after, block_ms=self.settings.block_ms
             ):
                 yield announcement
-        finally:
-            await client.aclose()
 
     async def records(
         self, gid: str, consumer_type: str, after: int = 0
@@ -233,8 +257,7 @@ class Broker:
         if await self.log.meta(gid) is None:
             raise GenerationNotFound(gid)
         key = self.log.keyspace.output(gid, consumer_type)
-        client = blocking_client(self.url, self.settings, "records")
-        try:
+        async with self.reader_client("records") as client:
             while True:
                 # Records and the done flag are committed together: once done is seen, every
                 # record is in the stream, and a read from ``after`` returns them at once.
@@ -250,8 +273,6 @@ class Broker:
                     for eid, fields in entries:
                         after = seq_of(eid)
                         yield json.loads(fields[b"data"])
-        finally:
-            await client.aclose()
 
     async def events(self, gid: str, after: int = 0) -> AsyncIterator[Event]:
         """Every event of ``gid`` after ``after`` up to and including the terminal one.

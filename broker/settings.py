@@ -8,7 +8,9 @@ the ``TOKENTEE_`` prefix; the few names that users already know from other tools
 
 from __future__ import annotations
 
+import ipaddress
 import re
+from typing import Literal
 
 from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -16,6 +18,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from broker.keys import is_consumer_type
 
 _PREFIX_RE = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
+_ORIGIN_RE = re.compile(r"https?://([A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\])(:[0-9]{1,5})?")
 
 
 class Settings(BaseSettings):
@@ -26,6 +29,11 @@ class Settings(BaseSettings):
         default=None,
         validation_alias=AliasChoices("TOKENTEE_REDIS_URL", "REDIS_URL", "redis_url"),
         description="Redis to use. Unset: start a private embedded redis-server.",
+    )
+    redis_cluster: bool = Field(
+        default=False,
+        description="A redis:// or rediss:// REDIS_URL names a Redis Cluster node (same as a"
+        " redis+cluster:// URL).",
     )
     key_prefix: str = Field(default="tokentee", description="Prefix of every Redis key.")
     redis_max_connections: int = Field(
@@ -124,7 +132,60 @@ class Settings(BaseSettings):
     public_url: str | None = Field(
         default=None, description="Base URL used in events_url; default: the request's own."
     )
-    max_body_bytes: int = Field(default=1_000_000, ge=1_024)
+    max_body_bytes: int = Field(
+        default=1_000_000, ge=1_024,
+        description="Largest request body (counted while reading, chunked ones too): 413.",
+    )
+
+    # --- security and limits (README "Security") ----------------------------------------
+    api_tokens: SecretStr = Field(
+        default=SecretStr(""),
+        description="Comma-separated bearer tokens of producers and service clients. Empty:"
+        " authentication is off (loopback use only; serve warns on other addresses).",
+    )
+    signing_key: SecretStr | None = Field(
+        default=None,
+        description="Key that signs browsers' read tokens; the same on every replica."
+        " Default: derived from TOKENTEE_API_TOKENS.",
+    )
+    read_token_ttl_seconds: int = Field(
+        default=600, ge=1,
+        description="How long a read token opens its event stream (an open stream is not"
+        " cut when it expires).",
+    )
+    cors_origins: str = Field(
+        default="",
+        description="Comma-separated origins (scheme://host[:port]) that browsers may call"
+        " the API from. Empty: no CORS headers.",
+    )
+    trusted_proxies: str = Field(
+        default="",
+        description="Comma-separated proxy addresses or networks whose X-Forwarded-For is"
+        " believed when limits identify a client by address.",
+    )
+    max_sse_per_client: int = Field(
+        default=32, ge=0,
+        description="Open event streams per client (bearer token, else address) across all"
+        " replicas: 429 beyond (0: no limit).",
+    )
+    max_active_generations: int = Field(
+        default=1_000, ge=0,
+        description="Generations one API process runs at once: 503 beyond (0: no limit).",
+    )
+    max_prompt_chars: int = Field(
+        default=200_000, ge=1,
+        description="Characters of a request's messages (prompt included): 413 beyond.",
+    )
+
+    # --- operations --------------------------------------------------------------------
+    log_format: Literal["text", "json"] = Field(
+        default="text",
+        description="'json': one JSON object per log line, with generation_id where there is"
+        " one (also --log-format).",
+    )
+    ready_timeout_seconds: float = Field(
+        default=1.0, gt=0, description="How long GET /readyz waits for Redis to answer PING."
+    )
 
     # --- upstream ----------------------------------------------------------------------
     openai_base_url: str = Field(
@@ -180,12 +241,53 @@ class Settings(BaseSettings):
         " from the environment (the API key then goes through that proxy).",
     )
 
+    @classmethod
+    def env_names(cls) -> list[str]:
+        """Every environment variable the settings read, in field order: ``TOKENTEE_<FIELD>``
+        for each field, and after it the unprefixed alias a field also accepts
+        (``REDIS_URL``, ``OPENAI_API_KEY``, ...)."""
+        return [name for names in cls.env_names_by_field().values() for name in names]
+
+    @classmethod
+    def env_names_by_field(cls) -> dict[str, list[str]]:
+        """The environment variables of each field (see :meth:`env_names`)."""
+        prefix = cls.model_config.get("env_prefix", "")
+        out: dict[str, list[str]] = {}
+        for field, info in cls.model_fields.items():
+            alias = info.validation_alias
+            if isinstance(alias, AliasChoices):
+                # The field's own name is also a choice (for keyword construction), not an
+                # environment variable.
+                out[field] = [c for c in alias.choices if isinstance(c, str) and c != field]
+            else:
+                out[field] = [f"{prefix}{field}".upper()]
+        return out
+
     @field_validator("key_prefix")
     @classmethod
     def _check_prefix(cls, value: str) -> str:
         if not _PREFIX_RE.fullmatch(value):
             raise ValueError("key_prefix must be 1-64 characters of [A-Za-z0-9_.:-]")
         return value
+
+    @field_validator("cors_origins")
+    @classmethod
+    def _check_origins(cls, value: str) -> str:
+        origins = [o.strip().rstrip("/") for o in value.split(",") if o.strip()]
+        for origin in origins:
+            if not _ORIGIN_RE.fullmatch(origin):
+                raise ValueError(
+                    f"CORS origin {origin!r} must be scheme://host[:port] (no '*': list them)"
+                )
+        return ",".join(origins)
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _check_proxies(cls, value: str) -> str:
+        networks = [n.strip() for n in value.split(",") if n.strip()]
+        for network in networks:
+            ipaddress.ip_network(network, strict=False)  # ValueError names the bad one
+        return ",".join(networks)
 
     @field_validator("consumers")
     @classmethod
@@ -199,6 +301,18 @@ class Settings(BaseSettings):
     @property
     def consumer_types(self) -> list[str]:
         return [n for n in self.consumers.split(",") if n]
+
+    @property
+    def bearer_tokens(self) -> list[str]:
+        return [t.strip() for t in self.api_tokens.get_secret_value().split(",") if t.strip()]
+
+    @property
+    def cors_origin_list(self) -> list[str]:
+        return [o for o in self.cors_origins.split(",") if o]
+
+    @property
+    def trusted_proxy_list(self) -> list[str]:
+        return [p.strip() for p in self.trusted_proxies.split(",") if p.strip()]
 
     @property
     def consumer_heartbeat_seconds(self) -> float:

@@ -22,6 +22,9 @@ from starlette.types import Receive, Scope, Send
 
 from broker.events import Event
 from broker.formats import NATIVE, Encoder
+from broker.keys import is_generation_id
+from broker.logs import generation_context
+from broker.metrics import BrokerMetrics
 
 logger = logging.getLogger(__name__)
 
@@ -97,6 +100,7 @@ class EventStreamResponse(Response):
         self, cursor: EventSource, release: contextlib.AsyncExitStack, *, heartbeat: float,
         send_timeout: float, shutdown: asyncio.Event, encoder: Encoder = NATIVE,
         headers: list[tuple[bytes, bytes]] | None = None, lead: Event | None = None,
+        metrics: BrokerMetrics | None = None,
     ) -> None:
         super().__init__(status_code=200, media_type="text/event-stream")
         self.encoder = encoder
@@ -107,8 +111,20 @@ class EventStreamResponse(Response):
         self.heartbeat = heartbeat
         self.send_timeout = send_timeout
         self.shutdown = shutdown
+        self.metrics = metrics or BrokerMetrics()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        gid = self.cursor.gid
+        with contextlib.ExitStack() as scoped:
+            if is_generation_id(gid):  # not a channel's: that follows many generations
+                scoped.enter_context(generation_context(gid))
+            self.metrics.sse_clients += 1
+            try:
+                await self._respond(receive, send)
+            finally:
+                self.metrics.sse_clients -= 1
+
+    async def _respond(self, receive: Receive, send: Send) -> None:
         try:
             await send({"type": "http.response.start", "status": 200,
                         "headers": SSE_HEADERS + self.extra_headers})
@@ -139,6 +155,7 @@ class EventStreamResponse(Response):
             # A client that stopped reading (send timeout) or vanished mid-write.
             logger.info("SSE client of %s dropped: %r", self.cursor.gid, exc)
         except RedisError as exc:
+            self.metrics.redis_error("sse")
             # End without the closing chunk: the client sees a broken stream and resumes.
             logger.warning("SSE stream of %s aborted, Redis failed: %s", self.cursor.gid, exc)
         finally:
@@ -161,9 +178,9 @@ class EventStreamResponse(Response):
                 return
             # Whatever else the cursor already holds goes out in the same write.
             encode = self.encoder.encode
-            chunk = [encode(event)]
-            chunk += [encode(e) for e in cursor.ready()]
-            await self._send(send, b"".join(chunk))
+            events = [event, *cursor.ready()]
+            await self._send(send, b"".join([encode(e) for e in events]))
+            self.metrics.tokens_out += sum(1 for e in events if e.type == "token")
             if cursor.finished:
                 return
 

@@ -90,7 +90,9 @@ class LeaseWatchdog:
     async def _start_position(self) -> str:
         """The catalog id just before the oldest generation whose metadata could still
         exist (catalog ids carry Redis's clock in ms)."""
-        now_ms = clock_ms(await self.log.redis.time())
+        # The clock of the node that holds the catalog (on a cluster each node has its own).
+        now_ms = clock_ms(await self.log.redis.eval(
+            "return redis.call('TIME')", 1, self.log.keyspace.catalog))
         window_s = self.settings.max_generation_seconds + self.settings.retention_seconds + 60
         return f"{max(0, now_ms - int(window_s * 1000))}-0"
 

@@ -17,7 +17,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 from redis.exceptions import ResponseError
 
-from broker.connections import clock_ms
+from broker.backpressure import read_liveness
 from broker.keys import Keyspace
 from broker.log import StreamEntry
 from broker.settings import Settings
@@ -59,14 +59,9 @@ async def consumer_families(redis: aioredis.Redis, keyspace: Keyspace,
     dead = CounterMetricFamily("tokentee_consumer_dead_letters",
                                "Entries moved to the dead-letter stream.", labels=labels)
 
-    async with redis.pipeline(transaction=False) as pipe:
-        pipe.time()
-        pipe.hgetall(keyspace.consumer_types)
-        pipe.hgetall(keyspace.dead_letter_counts)
-        now_t, beats, dead_counts = await pipe.execute()
-    now_ms = clock_ms(now_t)
+    now_ms, beats, dead_counts = await read_liveness(redis, keyspace)
     stall_ms = settings.stall_timeout_seconds * 1000
-    types = sorted(k.decode() for k in cast(dict[bytes, bytes], beats))
+    types = sorted(k.decode() for k in beats)
     for ctype in types:
         beat_age = now_ms - int(beats[ctype.encode()])
         up.add_metric([ctype], 1.0 if beat_age <= stall_ms else 0.0)
@@ -76,8 +71,7 @@ async def consumer_families(redis: aioredis.Redis, keyspace: Keyspace,
         workers.add_metric([ctype], len(live))
         active.add_metric([ctype], sum(int(st.get("generations", 0)) for st in live))
         lag.add_metric([ctype], sum(int(st.get("lag", 0)) for st in live))
-        dead.add_metric([ctype], float(cast(dict[bytes, bytes], dead_counts)
-                                       .get(ctype.encode(), b"0")))
+        dead.add_metric([ctype], float(dead_counts.get(ctype.encode(), b"0")))
     for group in await _groups(redis, keyspace):
         name = _str(group["name"])
         pending.add_metric([name], float(group["pending"]))

@@ -105,7 +105,7 @@ def supervise(spec: str, workers: int, settings: Settings, log_level: str = "inf
             "a consumer worker needs the broker's Redis: set REDIS_URL (or TOKENTEE_REDIS_URL)"
         )
     command = [sys.executable, "-m", "broker", "consume", spec, "--workers", "1",
-               "--log-level", log_level]
+               "--log-level", log_level, "--log-format", settings.log_format]
     forwarded: set[int] = set()
 
     def stop(signum: int, _frame: object) -> None:

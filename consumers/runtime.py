@@ -52,6 +52,7 @@ from broker.events import Event
 from broker.hub import Hub
 from broker.keys import is_consumer_type, is_generation_id
 from broker.log import GenerationLog, StreamEntry
+from broker.logs import set_generation
 from broker.settings import Settings
 from consumers.store import ConsumerStore, Fenced
 
@@ -431,6 +432,7 @@ class Worker:
     async def _own(self, eid: str, gid: str) -> None:
         """Process ``gid`` to its end and acknowledge its catalog entry.  Retries failed
         handlers from the checkpoint; gives up silently when fenced (no longer ours)."""
+        set_generation(gid)  # this task is about gid alone: its log lines say so
         held = self._held[eid]
         attempt = 0
         while True:

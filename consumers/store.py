@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any, cast
 
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import NoScriptError, RedisError
 
 from broker.keys import Keyspace, entry_id
@@ -251,6 +252,14 @@ class ConsumerStore:
     async def _run_commits(self, calls: list[tuple[list[str], list[str | int]]]) -> list[Any]:
         """EVALSHA each call in one pipeline; load the script and redo those that found it
         missing (a restarted or flushed Redis)."""
+        if isinstance(self.redis, RedisCluster):
+            # redis-py's cluster pipeline refuses EVALSHA (it cannot route a script load to
+            # every node from a pipeline) but routes EVAL by its keys: send the script
+            # itself, which Redis compiles once and caches.
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for keys, args in calls:
+                    pipe.eval(_COMMIT, len(keys), *keys, *args)
+                return list(await pipe.execute(raise_on_error=False))
         sha = self._commit.sha
         results: list[Any] = [None] * len(calls)
         todo = list(range(len(calls)))

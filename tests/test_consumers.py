@@ -674,8 +674,8 @@ async def test_foreign_catalog_entries_do_not_stop_a_worker(fast: Settings) -> N
         gid = (await broker.start(request("still consumed"))).id
         await consumed(broker.consumer_store, gid, "words")
         assert not broker.workers[0].failed.is_set()
-        info = await broker.redis.xpending(catalog, "words")
-        assert int(info["pending"]) == 0  # the foreign entries were acknowledged
+        await acked(broker, "words")  # the foreign entries were acknowledged (the generation's
+        # own entry is acknowledged just after its last commit, hence awaited, not asserted)
 
 
 async def test_records_ends_or_refuses_cleanly(fast: Settings) -> None:
@@ -702,7 +702,7 @@ async def test_sentences_after_is_bounded(fast: Settings) -> None:
             httpx.AsyncClient(base_url=url) as http:
         gid = (await broker.start(request("a b"))).id
         response = await http.get(f"/v1/streams/{gid}/sentences", params={"after": 10**30})
-        assert response.status_code == 422
+        assert response.status_code == 400  # a malformed `after` is 400 on every route
 
 
 async def test_totals_skip_values_redis_cannot_add(broker: Broker) -> None:

@@ -1,3 +1,5 @@
+import base64
+
 from redis.crc import key_slot
 
 from broker.keys import Keyspace, entry_id, is_generation_id, new_generation_id, seq_of
@@ -17,6 +19,11 @@ def test_generation_ids_are_valid_and_unique() -> None:
     ids = {new_generation_id() for _ in range(1000)}
     assert len(ids) == 1000
     assert all(is_generation_id(i) for i in ids)
+    for gid in ids:
+        # At least 128 random bits: 24 base64 characters decode to 18 random bytes.
+        assert len(gid) == 25
+        assert gid[0] == "g"
+        assert len(base64.urlsafe_b64decode(gid[1:])) * 8 >= 128
     for bad in ["", "short", "a{b}cdefgh", "../../etc/passwd", "x" * 65, "abc defgh"]:
         assert not is_generation_id(bad)
 

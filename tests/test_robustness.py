@@ -181,7 +181,7 @@ async def test_a_subscriber_cancelled_while_waking_the_hub_leaves_nothing_behind
         REQUEST.messages, params={"max_tokens": 100_000, "tokens_per_second": 10}))
     waking = asyncio.Event()
 
-    async def stuck_wake() -> None:
+    async def stuck_wake(_stream: object) -> None:
         waking.set()
         await asyncio.Event().wait()  # a wake that never completes
 

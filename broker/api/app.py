@@ -7,24 +7,28 @@ import contextlib
 import json
 import logging
 from collections.abc import AsyncIterator
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from fastapi import FastAPI, Header, HTTPException, Query, Request, Response
+from fastapi import Depends, FastAPI, Header, HTTPException, Query, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from redis.exceptions import RedisError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from broker.api.console import install_console
 from broker.api.schemas import (
     CancelAccepted,
     ChatCompletionRequest,
     CreateStream,
+    ReadToken,
     Sentence,
     StreamCreated,
     StreamSentences,
     StreamStats,
     StreamStatus,
 )
+from broker.api.security import install_security
+from broker.auth import channel_scope, generation_scope
 from broker.channels import ChannelCursor, ChannelPosition, follow_channel
 from broker.errors import (
     GenerationNotFound,
@@ -37,8 +41,10 @@ from broker.errors import (
 from broker.events import Event
 from broker.formats import NATIVE, AISDKParts, Encoder, OpenAIChunks, completion
 from broker.keys import is_channel, is_generation_id
+from broker.limits import prompt_chars
 from broker.log import GenerationMeta
 from broker.providers.base import GenerationRequest
+from broker.readiness import readiness
 from broker.service import Broker
 from broker.settings import Settings
 from broker.sse import EventStreamResponse, parse_resume_id
@@ -65,7 +71,8 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if broker is not None:
             app.state.broker = broker
-            yield
+            async with guard.started(broker):
+                yield
             return
         types = [load_consumer_type(name, settings) for name in settings.consumer_types]
         async with Broker.open(settings, consumers=types) as own:
@@ -74,7 +81,8 @@ def create_app(
             # waits for open requests: new generations get 503 from then on.
             drainer = asyncio.create_task(_drain_on(shutdown_event, own), name="tokentee-drain-on")
             try:
-                yield
+                async with guard.started(own):
+                    yield
             finally:
                 shutdown_event.set()
                 drainer.cancel()
@@ -84,9 +92,14 @@ def create_app(
         title="tokentee",
         summary="Read an LLM stream once; fan it out through Redis Streams.",
         lifespan=lifespan,
+        # With tokens configured, every route but health checks and the console page needs
+        # one; FastAPI's docs routes cannot take a dependency, so they are left out.
+        openapi_url=None if settings.bearer_tokens else "/openapi.json",
     )
     app.state.shutdown = shutdown_event
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    guard = install_security(app, settings)  # app.state.guard: .read, .write, .events
+    read, write, events = Depends(guard.read), Depends(guard.write), Depends(guard.events)
 
     def get_broker(request: Request) -> Broker:
         b: Broker = request.app.state.broker
@@ -102,6 +115,7 @@ def create_app(
 
     @app.exception_handler(RedisError)
     async def _redis_down(request: Request, exc: RedisError) -> JSONResponse:
+        request.app.state.broker.metrics.redis_error("api")
         logger.error("redis error while serving %s: %s", request.url.path, exc)
         return JSONResponse({"detail": "storage unavailable"}, status_code=503)
 
@@ -109,7 +123,19 @@ def create_app(
         if not is_generation_id(gid):
             raise GenerationNotFound(gid)
 
+    def check_prompt(messages: list[dict[str, Any]]) -> None:
+        size = prompt_chars(messages)
+        if size > settings.max_prompt_chars:
+            raise HTTPException(413, f"the prompt is {size} characters; this server takes at"
+                                f" most {settings.max_prompt_chars} (TOKENTEE_MAX_PROMPT_CHARS)")
+
+    def base_url(request: Request) -> str:
+        if settings.public_url:
+            return settings.public_url.rstrip("/")
+        return str(request.base_url).rstrip("/")
+
     @app.post("/v1/streams", status_code=201, response_model=StreamCreated,
+              dependencies=[write],
               responses={200: {"description": "An Idempotency-Key's earlier generation."}})
     async def create_stream(
         body: CreateStream, request: Request, response: Response,
@@ -119,6 +145,7 @@ def create_app(
         the same generation (200, ``Idempotent-Replayed: true``) instead of a second upstream
         call; the same key with a different request gets 422."""
         b = get_broker(request)
+        check_prompt(body.message_dicts())
         gen_request = GenerationRequest(
             messages=body.message_dicts(), model=body.model, params=body.params
         )
@@ -135,9 +162,8 @@ def create_app(
         if info.replayed:
             response.status_code = 200
             response.headers["Idempotent-Replayed"] = "true"
-        base = settings.public_url.rstrip("/") if settings.public_url else str(
-            request.base_url
-        ).rstrip("/")
+        base = base_url(request)
+        token = guard.read_token(generation_scope(info.id))
         return StreamCreated(
             id=info.id,
             events_url=f"{base}/v1/streams/{info.id}/events",
@@ -145,9 +171,30 @@ def create_app(
             provider=info.provider,
             model=info.model,
             created=info.created,
+            read_token=token["token"],
+            read_token_expires_in=token["expires_in"],
         )
 
-    @app.get("/v1/streams/{gid}", response_model=StreamStatus)
+    @app.post("/v1/streams/{gid}/read-token", response_model=ReadToken, dependencies=[read])
+    async def stream_read_token(gid: str, request: Request) -> ReadToken:
+        """A read token for a browser: opens this generation's event stream (and no other)
+        as ``?token=`` for ``expires_in`` seconds."""
+        check_id(gid)
+        if await get_broker(request).log.meta(gid) is None:
+            raise GenerationNotFound(gid)
+        return ReadToken(**guard.read_token(generation_scope(gid)),
+                         events_url=f"{base_url(request)}/v1/streams/{gid}/events")
+
+    @app.post("/v1/channels/{name}/read-token", response_model=ReadToken,
+              dependencies=[read])
+    async def channel_read_token(name: str, request: Request) -> ReadToken:
+        """A read token for a browser: opens this channel's event stream as ``?token=``."""
+        if not is_channel(name):
+            raise HTTPException(404, f"not a channel name: {name!r}")
+        return ReadToken(**guard.read_token(channel_scope(name)),
+                         events_url=f"{base_url(request)}/v1/channels/{name}/events")
+
+    @app.get("/v1/streams/{gid}", response_model=StreamStatus, dependencies=[read])
     async def get_stream(gid: str, request: Request) -> StreamStatus:
         state = await get_broker(request).state(gid)
         meta = state.meta
@@ -170,11 +217,14 @@ def create_app(
         "/v1/streams/{gid}/events",
         response_class=Response,
         response_model=None,
+        dependencies=[events],
         responses={
             200: {"content": {"text/event-stream": {}}, "description": "The event stream."},
             204: {"description": "The resume point is the terminal event: nothing follows."},
             400: {"description": "Malformed or impossible resume id."},
+            401: {"description": "No valid bearer token or read token."},
             404: {"description": "Unknown generation."},
+            429: {"description": "The client has too many open event streams."},
         },
     )
     async def stream_events(
@@ -228,10 +278,11 @@ def create_app(
         return EventStreamResponse(
             cursor, release, heartbeat=settings.heartbeat_seconds,
             send_timeout=settings.send_timeout_seconds, shutdown=request.app.state.shutdown,
-            encoder=encoder, headers=headers, lead=lead,
+            encoder=encoder, headers=headers, lead=lead, metrics=b.metrics,
         )
 
-    @app.get("/v1/channels/{name}/events", response_class=Response, response_model=None)
+    @app.get("/v1/channels/{name}/events", response_class=Response, response_model=None,
+             dependencies=[events])
     async def channel_events(
         name: str, request: Request,
         after: Annotated[str | None, Query(max_length=4096)] = None,
@@ -255,14 +306,19 @@ def create_app(
         return EventStreamResponse(
             cursor, release, heartbeat=settings.heartbeat_seconds,
             send_timeout=settings.send_timeout_seconds, shutdown=request.app.state.shutdown,
+            metrics=b.metrics,
         )
 
-    @app.post("/v1/chat/completions", response_model=None)
+    @app.post("/v1/chat/completions", response_model=None, dependencies=[write])
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         """OpenAI-compatible: starts a generation through the configured upstream and relays
         it, streaming (``chat.completion.chunk`` SSE) or not (one ``chat.completion``).
         ``X-Stream-Id`` names the generation, so other clients can join it."""
         b = get_broker(request)
+        size = prompt_chars(body.message_dicts())
+        if size > settings.max_prompt_chars:
+            return _openai_error(413, f"the prompt is {size} characters; this server takes at"
+                                 f" most {settings.max_prompt_chars}", "messages")
         gen_request = GenerationRequest(
             messages=body.message_dicts(), model=body.model, params=body.params()
         )
@@ -290,7 +346,8 @@ def create_app(
         return JSONResponse(completion(info.id, info.model, info.created, events),
                             headers={"X-Stream-Id": info.id})
 
-    @app.post("/v1/streams/{gid}/cancel", status_code=202, response_model=CancelAccepted)
+    @app.post("/v1/streams/{gid}/cancel", status_code=202, response_model=CancelAccepted,
+              dependencies=[write])
     async def cancel_stream(gid: str, request: Request) -> CancelAccepted:
         status = await get_broker(request).cancel(gid)
         return CancelAccepted(id=gid, status=status)
@@ -304,7 +361,8 @@ def create_app(
             raise GenerationNotFound(gid)
         return meta, await b.consumer_store.checkpoint(gid, ctype)
 
-    @app.get("/v1/streams/{gid}/sentences", response_model=StreamSentences)
+    @app.get("/v1/streams/{gid}/sentences", response_model=StreamSentences,
+             dependencies=[read])
     async def stream_sentences(
         gid: str, request: Request,
         after: Annotated[int, Query(ge=0, le=2**53)] = 0,
@@ -320,7 +378,7 @@ def create_app(
             sentences=[Sentence.model_validate(r) for r in records],
         )
 
-    @app.get("/v1/streams/{gid}/stats", response_model=StreamStats)
+    @app.get("/v1/streams/{gid}/stats", response_model=StreamStats, dependencies=[read])
     async def stream_stats(gid: str, request: Request) -> StreamStats:
         """The analytics counter's statistics of the generation, live while it runs."""
         b = get_broker(request)
@@ -334,20 +392,27 @@ def create_app(
             complete=bool(cp and cp.done), **stats.summary(),
         )
 
-    @app.get("/metrics", response_class=Response)
+    @app.get("/metrics", response_class=Response, dependencies=[read])
     async def metrics(request: Request) -> Response:
         """Prometheus metrics: analytics totals, consumer liveness, lag and dead letters."""
         b = get_broker(request)
         body = await render_metrics(b.redis, b.log.keyspace, settings)
-        return Response(body, media_type=CONTENT_TYPE_LATEST)
+        return Response(body + b.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/readyz", responses={503: {"description": "A readiness check failed."}})
+    async def readyz(request: Request) -> JSONResponse:
+        """Readiness: 200 if every check passes, else 503 naming the checks that failed."""
+        checks = await readiness(get_broker(request))
+        failed = [name for name, outcome in checks.items() if outcome != "ok"]
+        if failed:
+            return JSONResponse({"status": "unavailable", "failed": failed, "checks": checks},
+                                status_code=503)
+        return JSONResponse({"status": "ready", "checks": checks})
 
     @app.get("/healthz")
     async def healthz(request: Request) -> JSONResponse:
+        """Liveness: this process serves HTTP.  No Redis call (that is /readyz)."""
         b = get_broker(request)
-        try:
-            await b.redis.ping()
-        except RedisError as exc:
-            return JSONResponse({"status": "unavailable", "redis": str(exc)}, status_code=503)
         return JSONResponse(
             {
                 "status": "ok",
@@ -357,6 +422,7 @@ def create_app(
             }
         )
 
+    install_console(app, settings)
     return app
 
 

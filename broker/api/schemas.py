@@ -46,6 +46,17 @@ class StreamCreated(BaseModel):
     provider: str
     model: str
     created: float
+    read_token: str = Field(
+        description="for a browser: opens events_url as ?token=... for read_token_expires_in"
+        " seconds; reads this generation only"
+    )
+    read_token_expires_in: int
+
+
+class ReadToken(BaseModel):
+    token: str = Field(description="pass as ?token= on the event-stream URL")
+    expires_in: int = Field(description="seconds the token can open the stream")
+    events_url: str
 
 
 class StreamStatus(BaseModel):

@@ -29,6 +29,7 @@ _PROSE = (
 _WORDS: list[str] = re.findall(r"\S+", _PROSE)
 _ALLOWED = frozenset({"text", "max_tokens", "tokens_per_second", "fail_after"})
 MAX_SIMULATED_TOKENS = 1_000_000
+DEFAULT_TOKENS_PER_SECOND = 50.0
 
 
 def tokenize(text: str) -> list[str]:
@@ -100,7 +101,7 @@ class SimulatedProvider:
                 f"unknown params for provider simulated: {', '.join(sorted(unknown))}"
                 f" (allowed: {', '.join(sorted(_ALLOWED))})"
             )
-        rate = _number(params, "tokens_per_second", 50.0, integer=False)
+        rate = _number(params, "tokens_per_second", DEFAULT_TOKENS_PER_SECOND, integer=False)
         fail_after = params.get("fail_after")
         if fail_after is not None:
             fail_after = int(_number(params, "fail_after", 0, integer=True))

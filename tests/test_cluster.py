@@ -1,0 +1,523 @@
+"""tokentee on real three-master Redis Clusters (started by ``tests/redis_cluster.py``):
+SSE fan-out, resume and cancel for generations on every master, the hub's per-slot reads
+and their connections, the durable consumers, the wire format's ``XREAD`` loop, a slot
+migrating and a master failing over mid-stream, lease renewal, TLS, the bench, and a subset
+of the core tests.  (The ACL users are in ``test_cluster_acl.py``.)"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import secrets
+import subprocess
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import redis
+import trustme
+from redis.asyncio.cluster import RedisCluster
+from redis.crc import key_slot
+from redis.exceptions import RedisClusterException
+
+from broker.connections import blocking_client, command_client, is_cluster_url
+from broker.errors import RedisUnavailable
+from broker.providers.base import GenerationRequest
+from broker.providers.simulated import tokenize
+from broker.service import Broker
+from broker.settings import Settings
+from consumers.analytics import Analytics
+from consumers.sentences import Sentences
+from tests import (
+    test_api,
+    test_bench,
+    test_channels,
+    test_connections,
+    test_hub,
+    test_idempotency,
+    test_snapshot,
+)
+from tests.conftest import RUN_PREFIX, make_settings, running_server
+from tests.redis_cluster import LocalCluster, cluster_binaries, redis_cluster, start_cluster
+from tests.test_api import read_sse
+from tests.test_consumers import consumed, expected_sentences, until
+
+__all__ = ["redis_cluster"]  # the fixture, imported for pytest
+
+
+@pytest.fixture
+def cluster_settings(redis_cluster: LocalCluster) -> Settings:
+    # Each test has its own key prefix; the cluster lives only for this session.  The tests
+    # open dozens of event streams from one address (the per-client limit is tested in
+    # test_cluster_acl.py, with the default limit, on this cluster).
+    return make_settings(redis_cluster.url, max_sse_per_client=0)
+
+
+def master_of(cluster: LocalCluster, settings: Settings, gid: str) -> int:
+    """The port of the master that owns ``gid``'s keys."""
+    return cluster.master_of_slot(key_slot(f"{settings.key_prefix}:{{{gid}}}:log".encode()))
+
+
+async def spread(http: httpx.AsyncClient, cluster: LocalCluster, settings: Settings,
+                 per_master: int, **params: Any) -> dict[int, list[str]]:
+    """Start generations over HTTP until each master owns at least ``per_master`` of them
+    (ids are random, so this takes about 3 x per_master); returns them by master port."""
+    by_master: dict[int, list[str]] = {port: [] for port in cluster.ports}
+    for _ in range(per_master * 20):
+        if min(len(g) for g in by_master.values()) >= per_master:
+            return by_master
+        response = await http.post("/v1/streams", json={"prompt": "x", "params": params})
+        assert response.status_code == 201, response.text
+        gid = response.json()["id"]
+        by_master[master_of(cluster, settings, gid)].append(gid)
+    raise AssertionError(f"generation ids did not reach every master: {by_master}")
+
+
+@pytest.fixture
+async def cluster_broker(cluster_settings: Settings) -> AsyncIterator[Broker]:
+    async with Broker.open(cluster_settings) as broker:
+        yield broker
+
+
+@pytest.fixture
+async def cluster_http(cluster_settings: Settings, cluster_broker: Broker
+                       ) -> AsyncIterator[httpx.AsyncClient]:
+    async with running_server(cluster_settings, cluster_broker) as url, \
+            httpx.AsyncClient(base_url=url, timeout=httpx.Timeout(30.0)) as http:
+        yield http
+
+
+def test_cluster_url_forms() -> None:
+    settings = Settings(redis_url="redis://h:1")
+    assert is_cluster_url("redis+cluster://h:1")
+    assert is_cluster_url("rediss+cluster://h:1")
+    assert not is_cluster_url("redis://h:1", settings)
+    flagged = Settings(redis_url="redis://h:1", redis_cluster=True)
+    assert is_cluster_url("redis://h:1", flagged)
+    assert not is_cluster_url("unix:///tmp/redis.sock", flagged)  # the embedded Redis
+
+
+async def test_many_generations_on_every_master_reach_every_sse_client_whole(
+    redis_cluster: LocalCluster, cluster_settings: Settings, cluster_broker: Broker,
+    cluster_http: httpx.AsyncClient,
+) -> None:
+    text = " ".join(f"word{i}" for i in range(60))
+    by_master = await spread(cluster_http, redis_cluster, cluster_settings, 3,
+                             text=text, tokens_per_second=15)
+    gids = [gid for gids in by_master.values() for gid in gids]
+    # Several SSE clients per generation, all connected while the generations run.
+    readers = {gid: [asyncio.create_task(read_sse(cluster_http, gid)) for _ in range(3)]
+               for gid in gids}
+    # While they run, the hub reads each slot with live streams separately.
+    slots = {key_slot(f"{cluster_settings.key_prefix}:{{{gid}}}:log".encode()) for gid in gids}
+    async def subscribed() -> bool:  # the readers' subscriptions land asynchronously
+        return cluster_broker.hub.stream_count == len(gids)
+    await until(subscribed, 10)
+    assert cluster_broker.hub.read_groups == len(slots) >= 3
+
+    async def all_blocked() -> bool:
+        return all(g.blocked for g in cluster_broker.hub._groups.values())
+    await until(all_blocked, 10)  # every slot's read in flight at once, each on a connection
+    for gid, tasks in readers.items():
+        results = await asyncio.gather(*tasks)
+        status = (await cluster_http.get(f"/v1/streams/{gid}")).json()
+        assert status["status"] == "done"
+        assert status["text"] == text
+        for events in results:
+            assert [e.event for e in events] == ["token"] * len(tokenize(text)) + ["done"]
+            assert [int(e.id) for e in events] == list(range(1, len(events) + 1))
+            assert "".join(json.loads(e.data)["text"] for e in events[:-1]) == text
+            assert [(e.id, e.data) for e in events] == [(e.id, e.data) for e in results[0]]
+    # One hub connection per slot read (the documented cost), opened while the reads ran at
+    # once and kept in the client's pool; at most one more, the one the client used to load
+    # its command table.  (Counted now: a connection still in its handshake has no name.)
+    hub_connections = 0
+    for port in redis_cluster.ports:
+        with redis.Redis(port=port) as node:
+            hub_connections += sum(1 for c in node.client_list()
+                                   if c["name"] == f"{cluster_settings.key_prefix}:hub")
+    assert len(slots) <= hub_connections <= len(slots) + 1
+    # A slot's reader ends with its last live stream.
+    async def no_reads() -> bool:
+        return cluster_broker.hub.read_groups == 0
+    await until(no_reads, cluster_settings.block_ms / 1000 + 5)
+
+
+async def test_resume_by_last_event_id_on_every_master(
+    redis_cluster: LocalCluster, cluster_settings: Settings, cluster_http: httpx.AsyncClient,
+) -> None:
+    by_master = await spread(cluster_http, redis_cluster, cluster_settings, 1,
+                             max_tokens=40, tokens_per_second=100)
+    for gids in by_master.values():
+        gid = gids[0]
+        first = await read_sse(cluster_http, gid, stop_after=15)
+        rest = await read_sse(cluster_http, gid, headers={"Last-Event-ID": first[-1].id})
+        events = first + rest
+        assert [int(e.id) for e in events] == list(range(1, 42))
+        assert events[-1].event == "done"
+
+
+async def test_cancel_on_every_master(
+    redis_cluster: LocalCluster, cluster_settings: Settings, cluster_http: httpx.AsyncClient,
+) -> None:
+    by_master = await spread(cluster_http, redis_cluster, cluster_settings, 1,
+                             max_tokens=100_000, tokens_per_second=50)
+    gids = [gids[0] for gids in by_master.values()]
+    readers = [asyncio.create_task(read_sse(cluster_http, gid)) for gid in gids]
+    for gid in gids:
+        response = await cluster_http.post(f"/v1/streams/{gid}/cancel")
+        assert response.status_code == 202, response.text
+    for events in await asyncio.gather(*readers):
+        assert events[-1].event == "cancelled"
+        assert all(e.event == "token" for e in events[:-1])
+
+
+async def test_cancel_through_another_process_reaches_the_producer(
+    redis_cluster: LocalCluster, cluster_settings: Settings, cluster_broker: Broker,
+) -> None:
+    """The control stream (a global key, in a slot of its own) carries the cancel."""
+    async with Broker.open(cluster_settings) as other:
+        infos = [await cluster_broker.start(GenerationRequest(
+            [{"role": "user", "content": "x"}],
+            params={"max_tokens": 100_000, "tokens_per_second": 50})) for _ in range(6)]
+        for info in infos:
+            assert await other.log.request_cancel(info.id) == "running"
+        for info in infos:
+            events = [e async for e in other.events(info.id)]
+            assert events[-1].type == "cancelled"
+
+
+async def test_durable_consumers_process_generations_on_every_master(
+    redis_cluster: LocalCluster, cluster_settings: Settings,
+) -> None:
+    text = "One sentence here. Another one there! And a third?"
+    async with Broker.open(cluster_settings, consumers=[Sentences(None), Analytics()]) as broker, \
+            running_server(cluster_settings, broker) as url, \
+            httpx.AsyncClient(base_url=url, timeout=httpx.Timeout(30.0)) as http:
+        by_master = await spread(http, redis_cluster, cluster_settings, 2,
+                                 text=text, tokens_per_second=200)
+        gids = [gid for gids in by_master.values() for gid in gids]
+        for gid in gids:
+            await consumed(broker.consumer_store, gid, "sentences", "analytics")
+            body = (await http.get(f"/v1/streams/{gid}/sentences")).json()
+            assert [s["text"] for s in body["sentences"]] == expected_sentences(text)
+            records = [r async for r in broker.records(gid, "sentences")]  # blocking XREAD
+            assert [r["text"] for r in records] == expected_sentences(text)
+            stats = (await http.get(f"/v1/streams/{gid}/stats")).json()
+            assert stats["tokens"] == len(tokenize(text))
+            assert stats["complete"] is True
+
+        async def added() -> bool:
+            totals = await broker.consumer_store.totals("analytics")
+            return totals.get("generations|done|stop|simulated|simulated-1") == len(gids)
+        await until(added)  # totals are added after the checkpoint
+        # The catalog (a global key) announced every one of them.
+        announced = []
+        async for announcement in broker.generations(after="0"):
+            announced.append(announcement.id)
+            if len(announced) == len(gids):
+                break
+        assert sorted(announced) == sorted(gids)
+
+
+async def test_the_wire_format_xread_loop_per_slot(
+    redis_cluster: LocalCluster, cluster_settings: Settings, cluster_broker: Broker,
+    cluster_http: httpx.AsyncClient,
+) -> None:
+    """The README's loop works with a cluster client on every master; one XREAD over
+    generations of different slots is refused, so a follower reads per slot."""
+    by_master = await spread(cluster_http, redis_cluster, cluster_settings, 1,
+                             text="Hello, wire format.", tokens_per_second=20)
+    prefix = cluster_settings.key_prefix
+    client = RedisCluster(host="127.0.0.1", port=redis_cluster.ports[0], protocol=2,
+                          decode_responses=True, socket_timeout=10)
+    try:
+        logs = []
+        for gids in by_master.values():
+            gid = gids[0]
+            log, meta = f"{prefix}:{{{gid}}}:log", f"{prefix}:{{{gid}}}:meta"
+            logs.append(log)
+            last, text = 0, ""
+            while True:
+                reply = await client.xread({log: f"0-{last}"}, count=100, block=5000)
+                if not reply:
+                    assert await client.exists(meta)
+                    continue
+                _key, entries = reply[0]
+                for entry_id, fields in entries:
+                    seq = int(entry_id.split("-")[1])
+                    assert seq == last + 1
+                    last = seq
+                    if fields["type"] == "token":
+                        text += json.loads(fields["data"])["text"]
+                if fields["type"] != "token":
+                    break
+            assert fields["type"] == "done"
+            assert text == "Hello, wire format."
+        with pytest.raises(RedisClusterException):
+            await client.xread({log: "0-0" for log in logs}, count=1)
+    finally:
+        await client.aclose()
+
+
+# --- a subset of the core tests, on the cluster ----------------------------------------
+
+BROKER_TESTS: list[Callable[[Broker], Awaitable[None]]] = [
+    test_hub.test_identical_delivery_to_many_readers_including_late_joiner,
+    test_hub.test_resume_after_id_has_no_gap_and_no_duplicate,
+    test_hub.test_resume_points_are_validated,
+    test_hub.test_trimmed_entries_are_reported_as_a_gap,
+    test_hub.test_upstream_error_mid_stream_ends_with_error,
+    test_channels.test_parallel_generations_of_a_channel_in_one_iterator,
+    test_channels.test_resume_from_a_position_loses_and_repeats_nothing,
+    test_idempotency.test_a_key_whose_generation_is_gone_starts_a_new_one,
+    test_snapshot.test_python_snapshot,
+]
+HTTP_TESTS: list[Callable[[httpx.AsyncClient], Awaitable[None]]] = [
+    test_api.test_create_status_and_events,
+    test_api.test_identical_delivery_to_many_clients_and_a_late_joiner,
+    test_api.test_last_event_id_header_wins_over_after,
+    test_api.test_resume_after_terminal_event_is_204,
+    test_api.test_resume_beyond_the_end_is_400,
+    test_api.test_cancel_ends_the_stream_with_cancelled,
+    test_api.test_token_text_cannot_forge_sse_fields,
+    test_idempotency.test_same_key_different_request_is_refused,
+]
+
+
+@pytest.mark.parametrize("core_test", BROKER_TESTS, ids=lambda t: t.__name__)
+async def test_core_broker_behaviour_on_the_cluster(
+    core_test: Callable[[Broker], Awaitable[None]], cluster_broker: Broker,
+) -> None:
+    await core_test(cluster_broker)
+
+
+@pytest.mark.parametrize("core_test", HTTP_TESTS, ids=lambda t: t.__name__)
+async def test_core_http_behaviour_on_the_cluster(
+    core_test: Callable[[httpx.AsyncClient], Awaitable[None]], cluster_http: httpx.AsyncClient,
+) -> None:
+    await core_test(cluster_http)
+
+
+def ids_in_one_slot(prefix: str, count: int) -> list[str]:
+    """``count`` generation ids whose keys share one hash slot (found by trying ids)."""
+    seen: dict[int, list[str]] = {}
+    i = 0
+    while True:
+        gid = f"gsameslot{i:06d}"
+        bucket = seen.setdefault(key_slot(f"{prefix}:{{{gid}}}:log".encode()), [])
+        bucket.append(gid)
+        if len(bucket) == count:
+            return bucket
+        i += 1
+
+
+async def test_a_second_generation_in_a_slot_wakes_that_slots_read(
+    cluster_broker: Broker, cluster_settings: Settings,
+) -> None:
+    """The slot's read is blocked on the first generation; the second one, in the same slot,
+    joins through the slot's wake stream, not after the block time."""
+    log = cluster_broker.log
+    first, second = ids_in_one_slot(cluster_settings.key_prefix, 2)
+    for gid in (first, second):
+        await log.create(gid, provider="p", model="m", owner="x", lease_ms=60_000,
+                         ttl_seconds=60)
+    hub = cluster_broker.hub
+    async with hub.subscribe(first) as a:
+        async def blocked() -> bool:
+            groups = list(hub._groups.values())
+            return len(groups) == 1 and groups[0].blocked
+        await until(blocked, 10)
+        async with hub.subscribe(second) as b:
+            assert hub.read_groups == 1
+            waiting = asyncio.ensure_future(anext(b))
+
+            async def live() -> bool:  # caught up with the (empty) log: only the hub feeds it
+                return not b._behind
+            await until(live, 10)
+            await log.append(second, "x", 60_000, [(1, "token", {"text": "t"}, 1.0, "t")])
+            # Far below block_ms (2 s here), while the read blocked on ``first`` alone.
+            async with asyncio.timeout(cluster_settings.block_ms / 1000 / 2):
+                event = await waiting
+            assert (event.seq, event.type) == (1, "token")
+            await log.append(first, "x", 60_000, [(1, "token", {"text": "u"}, 1.0, "u")])
+            assert (await anext(a)).data == {"text": "u"}
+
+
+async def test_a_slot_moving_to_another_master_mid_stream_loses_nothing(
+    redis_cluster: LocalCluster, cluster_settings: Settings, cluster_broker: Broker,
+) -> None:
+    """The slot of a live generation migrates while its producer writes and the hub's read
+    of that slot blocks: redis-py follows ASK/MOVED (producer) and the hub re-routes its
+    read to the new owner; every reader still gets every entry once, in order."""
+    text = " ".join(f"w{i}" for i in range(80))
+    info = await cluster_broker.start(GenerationRequest(
+        [{"role": "user", "content": "x"}], params={"text": text, "tokens_per_second": 40}))
+    slot = key_slot(f"{cluster_settings.key_prefix}:{{{info.id}}}:log".encode())
+    source = redis_cluster.master_of_slot(slot)
+    target = next(p for p in redis_cluster.ports if p != source)
+    readers = [asyncio.create_task(test_hub.collect(cluster_broker, info.id)) for _ in range(3)]
+    async with cluster_broker.subscribe(info.id) as cursor:
+        async for event in cursor:
+            if event.seq == 20:
+                break
+    await asyncio.to_thread(redis_cluster.move_slot, slot, target)
+    assert redis_cluster.master_of_slot(slot) == target
+    for events in await asyncio.gather(*readers):
+        test_hub.check_complete(events, len(tokenize(text)))
+        assert "".join(e.data["text"] for e in events[:-1]) == text
+    assert (await cluster_broker.state(info.id)).text == text
+
+
+def test_bench_on_the_cluster(redis_cluster: LocalCluster) -> None:
+    """``tokentee bench`` against a cluster: Redis figures added up over the masters."""
+    prefix = f"{RUN_PREFIX}-{secrets.token_hex(4)}"
+    done, report = test_bench.run_bench(redis_cluster.url, prefix, "api")
+    assert done.returncode == 0, done.stderr
+    assert report["ok"] is True
+    assert report["deliveries"]["received"] == report["deliveries"]["expected"]
+    stats = report["redis"]
+    assert stats["clients_outside_broker"] >= len(redis_cluster.ports)  # a probe per master
+    assert stats["broker_connections_peak"] >= stats["broker_connections_idle"] > 0
+    assert stats["command_calls"]["evalsha"] > 0
+    with redis_cluster.client() as client:
+        assert list(client.scan_iter(match=f"{prefix}*")) == []
+
+
+@pytest.fixture(scope="module")
+def replicated_cluster() -> Iterator[LocalCluster]:
+    binaries = cluster_binaries()
+    if binaries is None:
+        pytest.skip("no redis-server 7+ with redis-cli found to start a local Redis Cluster")
+    cluster = start_cluster(*binaries, masters=3, replicas=1)
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+async def test_a_failover_mid_stream_loses_nothing(replicated_cluster: LocalCluster) -> None:
+    """The master of a live generation's slot hands over to its replica (``CLUSTER
+    FAILOVER``) while the producer writes and the hub's read of that slot blocks on the old
+    master: the read fails or is redirected, the hub reads from the new master, and every
+    reader gets every entry once, in order."""
+    settings = make_settings(replicated_cluster.url)
+    text = " ".join(f"w{i}" for i in range(80))
+    async with Broker.open(settings) as broker:
+        info = await broker.start(GenerationRequest(
+            [{"role": "user", "content": "x"}], params={"text": text, "tokens_per_second": 40}))
+        slot = key_slot(f"{settings.key_prefix}:{{{info.id}}}:log".encode())
+        old_master = replicated_cluster.master_of_slot(slot)
+        replica = replicated_cluster.replica_of(old_master)
+        readers = [asyncio.create_task(test_hub.collect(broker, info.id)) for _ in range(3)]
+        async with broker.subscribe(info.id) as cursor:
+            async for event in cursor:
+                if event.seq == 20:
+                    break
+        with redis.Redis(port=replica) as node:
+            node.execute_command("CLUSTER FAILOVER")
+
+        async def promoted() -> bool:
+            return await asyncio.to_thread(replicated_cluster.master_of_slot, slot) == replica
+        await until(promoted, 15)
+        for events in await asyncio.gather(*readers):
+            test_hub.check_complete(events, len(tokenize(text)))
+            assert "".join(e.data["text"] for e in events[:-1]) == text
+        assert (await broker.state(info.id)).text == text
+
+
+async def test_a_quiet_producer_keeps_its_lease_on_the_cluster(
+    redis_cluster: LocalCluster,
+) -> None:
+    """Entries further apart than the lease: only the lease renewer (a pipeline of scripts
+    over leases in many slots) keeps the generation from being reaped by the watchdog."""
+    settings = make_settings(redis_cluster.url, lease_seconds=1.0)
+    async with Broker.open(settings) as broker:
+        infos = [await broker.start(GenerationRequest(
+            [{"role": "user", "content": "x"}],
+            params={"text": "slow but alive", "tokens_per_second": 0.4})) for _ in range(3)]
+        for info in infos:
+            events = [e async for e in broker.events(info.id)]
+            assert [e.type for e in events] == ["token"] * 3 + ["done"], events[-1].data
+        assert broker.watchdog is None or broker.watchdog.reaped == 0
+
+
+async def test_cancelled_blocking_reads_on_cluster_clients_never_hand_over_a_reply(
+    cluster_settings: Settings,
+) -> None:
+    """The core test of the CVE-2023-28858 class, on a cluster client: a one-reader client,
+    and the shared readers' client with several reads cancelled at once."""
+    await test_connections.test_cancelled_blocking_reads_never_hand_over_an_unread_reply(
+        cluster_settings)
+    url = cluster_settings.redis_url or ""
+    shared = blocking_client(url, cluster_settings, "readers", many=True)
+    writer = command_client(url, cluster_settings)
+    rng = random.Random(11)
+    streams = [f"{cluster_settings.key_prefix}:{{s{n}}}:probe" for n in range(3)]
+    try:
+        for i in range(100):
+            reads = [asyncio.create_task(shared.xread({s: "$"}, block=50)) for s in streams]
+            await asyncio.sleep(rng.random() * 0.004)
+            if rng.random() < 0.5:
+                await writer.xadd(rng.choice(streams), {"i": str(i)}, maxlen=10)
+            for read in reads:
+                read.cancel()
+            await asyncio.gather(*reads, return_exceptions=True)
+            key = f"{cluster_settings.key_prefix}:probe:{i}"
+            await shared.set(key, f"value-{i}")
+            assert await shared.get(key) == f"value-{i}".encode()
+    finally:
+        await shared.aclose()
+        await writer.aclose()
+
+
+async def test_a_plain_url_with_the_cluster_setting(redis_cluster: LocalCluster) -> None:
+    settings = make_settings(f"redis://127.0.0.1:{redis_cluster.ports[1]}", redis_cluster=True)
+    async with Broker.open(settings) as broker:
+        assert isinstance(broker.redis, RedisCluster)
+        info = await broker.start(GenerationRequest(
+            [{"role": "user", "content": "x"}], params={"max_tokens": 10, "tokens_per_second": 0}))
+        test_hub.check_complete([e async for e in broker.events(info.id)], 10)
+
+
+@pytest.fixture(scope="module")
+def tls_cluster() -> Iterator[LocalCluster]:
+    binaries = cluster_binaries()
+    if binaries is None:
+        pytest.skip("no redis-server 7+ with redis-cli found to start a local Redis Cluster")
+    try:
+        cluster = start_cluster(*binaries, tls=True)
+    except (RuntimeError, subprocess.CalledProcessError) as exc:
+        pytest.skip(f"redis-server could not run a TLS cluster (built without TLS?): {exc}")
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+async def test_a_tls_cluster_by_rediss_cluster_url(
+    tls_cluster: LocalCluster, tmp_path: Path,
+) -> None:
+    """``rediss+cluster://...?ssl_ca_certs=`` reaches every master over TLS, and a server
+    certificate from another CA is refused at startup."""
+    settings = make_settings(tls_cluster.url, max_sse_per_client=0)
+    assert settings.redis_url is not None
+    assert settings.redis_url.startswith("rediss+cluster://")
+    async with Broker.open(settings, consumers=[Analytics()]) as broker, \
+            running_server(settings, broker) as url, \
+            httpx.AsyncClient(base_url=url, timeout=httpx.Timeout(30.0)) as http:
+        by_master = await spread(http, tls_cluster, settings, 1, max_tokens=20,
+                                 tokens_per_second=200)
+        for gids in by_master.values():
+            events = await read_sse(http, gids[0])
+            test_api.check_stream(events, 20)
+            await consumed(broker.consumer_store, gids[0], "analytics")
+    other_ca = tmp_path / "other-ca.pem"
+    trustme.CA().cert_pem.write_to_path(str(other_ca))
+    wrong = make_settings(tls_cluster.url.replace(str(tls_cluster.ca_file), str(other_ca)))
+    with pytest.raises(RedisUnavailable, match="certificate verify failed"):
+        async with Broker.open(wrong):
+            pass

@@ -424,6 +424,10 @@ async def test_a_draining_broker_refuses_new_generations_with_503(fast: Settings
             chat = await http.post("/v1/chat/completions", json={
                 "model": "m", "messages": [{"role": "user", "content": "hi"}]})
             assert chat.status_code == 503
+            # The load balancer takes it out of rotation.
+            ready = await http.get("/readyz")
+            assert ready.status_code == 503
+            assert ready.json()["failed"] == ["draining"]
             # What runs goes on, and can still be read and cancelled.
             events = [e async for e in broker.events(running)]
         assert events[-1].type == "done"

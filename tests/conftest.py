@@ -49,6 +49,8 @@ def make_settings(redis_url: str, **overrides: object) -> Settings:
         "lease_seconds": 3.0,
         "shutdown_grace_seconds": 1.0,
         "heartbeat_seconds": 15.0,
+        # Tests read from one address with many clients; tests/test_limits.py sets its own.
+        "max_sse_per_client": 0,
     }
     values.update(overrides)
     return Settings(**values)  # type: ignore[arg-type]

@@ -52,10 +52,21 @@ def needs_chromium(test: Any) -> Any:
     return pytest.mark.timeout(150)(_skip_without_chromium(test))
 
 
+TOKEN = "console-test-token-0123456789"
+
+
 @pytest.fixture
-async def served(redis_url: str) -> AsyncIterator[tuple[str, Broker]]:
+def server_settings() -> dict[str, Any]:
+    """Settings of the ``served`` server beyond the test defaults (overridden by tests)."""
+    return {}
+
+
+@pytest.fixture
+async def served(
+    redis_url: str, server_settings: dict[str, Any]
+) -> AsyncIterator[tuple[str, Broker]]:
     """A server with both built-in consumer types running, as ``tokentee serve`` has."""
-    settings = make_settings(redis_url, sentences_sink="off")
+    settings = make_settings(redis_url, sentences_sink="off", **server_settings)
     types = [load_consumer_type(name, settings) for name in ("sentences", "analytics")]
     try:
         async with Broker.open(settings, consumers=types) as b, running_server(
@@ -165,8 +176,9 @@ async def test_figures_count_generations_clients_and_traffic(
     assert during["active_generations"] == 1
     assert during["sse_clients"] == 1
     assert during["hub_readers"] >= 1
-    assert during["entries_in_per_second"] > 0
-    assert during["events_out_per_second"] > 0
+    assert during["tokens_in_per_second"] > 0
+    assert during["tokens_out_per_second"] > 0
+    assert during["fanout_ratio"] > 0
     after = (await client.get("/v1/console/figures")).json()
     assert after["sse_clients"] == 0
     assert set(after["consumers"]) == {"sentences", "analytics"}
@@ -201,7 +213,9 @@ async def test_sentences_as_events_resumable_and_ending(client: httpx.AsyncClien
 
 
 @pytest.fixture
-async def page(served: tuple[str, Broker]) -> AsyncIterator[Any]:
+async def page(served: tuple[str, Broker], server_settings: dict[str, Any]
+               ) -> AsyncIterator[Any]:
+    token = server_settings.get("api_tokens")
     from playwright.async_api import async_playwright
 
     errors: list[str] = []
@@ -209,6 +223,9 @@ async def page(served: tuple[str, Broker]) -> AsyncIterator[Any]:
         browser = await pw.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
         try:
             context = await browser.new_context(viewport={"width": 1280, "height": 1400})
+            if token:  # as if typed into the page's token field before
+                await context.add_init_script(
+                    f"sessionStorage.setItem('tokentee.token', {json.dumps(token)})")
             tab = await context.new_page()
             tab.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
             tab.on("pageerror", lambda exc: errors.append(f"page error: {exc}"))
@@ -291,6 +308,11 @@ async def test_two_readers_a_dropped_one_and_a_late_one_see_the_same_text(
     await page.wait_for_function(
         f"document.getElementById('recent-body').textContent.includes('{gid}')")
     assert await page.locator("#gen-status").text_content() == "done"
+    # The list shows the end without waiting for its next poll.
+    row = page.locator("#recent-body tr", has=page.get_by_role(
+        "button", name=f"Watch generation {gid}"))
+    await row.locator("td.status-done").wait_for(timeout=5_000)
+    assert (await page.locator("#fg-fanout").text_content() or "").endswith("\u00d7")
     assert await page.locator(".u-wrap").count() == 4  # the four charts are drawn
     await page.screenshot(path=screenshot_path("console.png"), full_page=True)
     # Watching it again from the list replays the finished generation in fresh panes.
@@ -363,3 +385,56 @@ async def test_no_accessibility_violations(page: Any) -> None:
         "document.getElementById('sent-status').textContent.startsWith('All ')")
     results = await Axe().run(page)
     assert results.violations_count == 0, results.generate_report()
+
+
+# --- with authentication on ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("server_settings", [{"api_tokens": TOKEN}])
+async def test_console_routes_need_a_token(client: httpx.AsyncClient) -> None:
+    assert (await client.get("/")).status_code == 200  # the page and its files hold no data
+    assert (await client.get("/static/app.js")).status_code == 200
+    for path in ("/v1/console/figures", "/v1/console/generations", "/v1/console/config"):
+        assert (await client.get(path)).status_code == 401, path
+        assert (await client.get(path, headers={"Authorization": f"Bearer {TOKEN}"})
+                ).status_code == 200, path
+    created = (await client.post(
+        "/v1/streams", headers={"Authorization": f"Bearer {TOKEN}"},
+        json={"prompt": "hi", "params": {"text": "One. Two.", "tokens_per_second": 0}},
+    )).json()
+    path = f"/v1/streams/{created['id']}/sentences/events"
+    assert (await client.get(path)).status_code == 401
+    # A browser's EventSource cannot send a header: the generation's read token opens it.
+    events = []
+    async with aconnect_sse(client, "GET", path,
+                            params={"token": created["read_token"]}) as source:
+        assert source.response.status_code == 200
+        async for sse in source.aiter_sse():
+            if sse.data:
+                events.append(sse.event)
+    assert events == ["sentence", "sentence", "end"]
+
+
+@needs_chromium
+@pytest.mark.parametrize("server_settings", [{"api_tokens": TOKEN}])
+async def test_the_page_works_with_authentication_on(page: Any, client: httpx.AsyncClient
+                                                     ) -> None:
+    assert await page.get_by_label("Access token").input_value() == TOKEN
+    gid = await start_from_page(page, max_tokens=90, pace=30)
+    await wait_for_pane(page, "A", "p.lastId >= 5")
+    await page.locator(".pane[data-reader=A] button.drop").click()
+    await page.locator(".pane[data-reader=A] button.drop").click()  # resume, a new token
+    await page.get_by_role("button", name="Add a late reader").click()
+    for reader in ("A", "B", "C"):
+        await wait_for_pane(page, reader, "p.finished && p.statusEl.textContent.includes('done')")
+    texts = {(await pane_state(page, r))["text"] for r in ("A", "B", "C")}
+    status = (await client.get(f"/v1/streams/{gid}",
+                               headers={"Authorization": f"Bearer {TOKEN}"})).json()
+    assert texts == {status["text"]}
+    await page.wait_for_function(
+        "document.getElementById('sent-status').textContent.startsWith('All ')")
+    await page.wait_for_function(
+        "document.getElementById('st-complete').textContent === 'complete'")
+    await page.wait_for_function(
+        f"document.getElementById('recent-body').textContent.includes('{gid}')")
+    assert await page.locator("#notice").text_content() == ""

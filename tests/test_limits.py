@@ -11,11 +11,15 @@ from typing import Any
 import httpx
 import pytest
 import redis.asyncio as aioredis
+from fastapi.routing import APIRoute
 from hypothesis import HealthCheck, given
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
+from redis.crc import key_slot
 
+from broker.api import create_app
 from broker.channels import ChannelPosition
+from broker.connections import command_client
 from broker.errors import InvalidResumePoint, TooManyStreams
 from broker.keys import Keyspace, new_generation_id
 from broker.limits import ConnectionSlots, prompt_chars
@@ -23,6 +27,9 @@ from broker.service import Broker
 from broker.settings import Settings
 from broker.sse import parse_resume_id
 from tests.conftest import delete_prefix, make_settings, running_server
+from tests.redis_cluster import LocalCluster, redis_cluster
+
+__all__ = ["redis_cluster"]  # the fixture, imported for pytest
 
 SLOW = {"max_tokens": 1_000, "tokens_per_second": 2}
 
@@ -246,6 +253,32 @@ async def test_slots_of_a_crashed_replica_age_out(settings: Settings) -> None:
         await client.aclose()
 
 
+async def test_slots_on_a_cluster(redis_cluster: LocalCluster) -> None:
+    """Each client's set is one key, so the scripts work on any master of a cluster."""
+    settings = make_settings(redis_cluster.url)
+    client = command_client(redis_cluster.url, settings)
+    slots = ConnectionSlots(client, Keyspace(settings.key_prefix), 1)
+    clients = [f"a:10.0.0.{i}" for i in range(12)]  # their keys spread over the masters
+    masters = {redis_cluster.master_of_slot(key_slot(slots.keyspace.sse_slots(c).encode()))
+               for c in clients}
+    try:
+        assert len(masters) > 1
+        async with contextlib.AsyncExitStack() as held:
+            for name in clients:
+                await held.enter_async_context(slots.hold(name))
+            assert slots.held() == len(clients)
+            await slots.refresh()
+            for name in clients:
+                with pytest.raises(TooManyStreams):
+                    async with slots.hold(name):
+                        pass
+        assert slots.held() == 0
+        for name in clients:
+            assert await client.zcard(slots.keyspace.sse_slots(name)) == 0
+    finally:
+        await client.aclose()
+
+
 # --- malformed resume points ---------------------------------------------------------------------
 
 BAD_IDS = ["abc", "-1", "1-2", "0x10", "1e3", "1 ", " 1", "1" * 19, "²", "١٢", "a" * 100,
@@ -278,6 +311,22 @@ async def test_malformed_resume_points_are_400_everywhere(http: httpx.AsyncClien
     for bad in ("abc", "-1", "1.5"):
         response = await http.get(f"/v1/streams/{gid}/sentences", params={"after": bad})
         assert response.status_code == 400, bad
+
+
+async def test_every_event_stream_route_refuses_a_malformed_resume_point(
+    http: httpx.AsyncClient, settings: Settings
+) -> None:
+    """Event-stream routes added later are covered too: every route that ends in /events."""
+    gid = await start(http, max_tokens=2, tokens_per_second=500)
+    paths = [r.path for r in create_app(settings).routes
+             if isinstance(r, APIRoute) and r.path.endswith("/events")]
+    assert len(paths) >= 2
+    for path in paths:
+        url = path.replace("{gid}", gid).replace("{name}", "c1")
+        for bad in ("abc", "1-", "x" * 70):
+            assert (await http.get(url, params={"after": bad})).status_code == 400, (path, bad)
+            response = await http.get(url, headers={"Last-Event-ID": bad})
+            assert response.status_code == 400, (path, bad)
 
 
 @given(st.text(max_size=40))

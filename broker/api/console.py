@@ -29,7 +29,7 @@ from fastapi import Depends, FastAPI, Header, HTTPException, Query, Request, Res
 from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
 
-from broker.api.figures import LiveFigures, SseTraffic, TrafficCounts
+from broker.api.figures import LiveFigures
 from broker.errors import GenerationNotFound, ProviderConfigError
 from broker.events import Event
 from broker.keys import is_generation_id
@@ -53,9 +53,7 @@ def install_console(app: FastAPI, settings: Settings) -> None:
     # Event streams take the guard's stream dependency: a bearer token or a read token for
     # the generation (what a browser's EventSource can send), and a stream slot.
     events: list[Any] = [Depends(guard.events)] if guard is not None else []
-    traffic = TrafficCounts()
-    app.add_middleware(SseTraffic, counts=traffic)
-    figures = LiveFigures(traffic)
+    figures = LiveFigures()
 
     def get_broker(request: Request) -> Broker:
         return cast(Broker, request.app.state.broker)
@@ -93,9 +91,9 @@ def install_console(app: FastAPI, settings: Settings) -> None:
     @app.get("/v1/console/figures", dependencies=read)
     async def console_figures(request: Request) -> dict[str, Any]:
         """This process's live figures: running generations, open event streams, hub
-        readers, entries written and events sent per second (over the last few seconds),
-        and per consumer type its liveness, workers, lag (entries), pending and backlog
-        (generations) and dead letters."""
+        readers, tokens appended and tokens sent to SSE clients per second (over the last
+        few seconds), the fan-out ratio, and per consumer type its liveness, workers, lag
+        (entries), pending and backlog (generations) and dead letters."""
         return await figures.sample(get_broker(request))
 
     @app.get("/v1/console/generations", dependencies=read)
@@ -154,6 +152,7 @@ def install_console(app: FastAPI, settings: Settings) -> None:
         return EventStreamResponse(
             cursor, release, heartbeat=settings.heartbeat_seconds,
             send_timeout=settings.send_timeout_seconds, shutdown=request.app.state.shutdown,
+            metrics=b.metrics,
         )
 
 

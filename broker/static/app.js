@@ -190,7 +190,7 @@
       const event = { type: e.type, data: JSON.parse(e.data), id };
       if (TERMINAL.includes(event.type)) {
         this.finished = true;
-        this.source.close();
+        e.target.close(); // the stream that delivered it, whatever this.source is now
       }
       if (this.paused) {
         this.held.push(event);
@@ -306,8 +306,10 @@
   }
 
   function generationEnded(type) {
+    if ($("gen-status").textContent === type) return; // each pane reports the end
     $("gen-status").textContent = type;
     $("cancel-button").disabled = true;
+    refreshRecent();
   }
 
   async function followSentences(gid) {
@@ -447,8 +449,9 @@
       const f = await api("v1/console/figures");
       $("fg-active").textContent = f.active_generations;
       $("fg-sse").textContent = f.sse_clients;
-      $("fg-in").textContent = f.entries_in_per_second;
-      $("fg-out").textContent = f.events_out_per_second;
+      $("fg-in").textContent = f.tokens_in_per_second;
+      $("fg-out").textContent = f.tokens_out_per_second;
+      $("fg-fanout").textContent = f.fanout_ratio.toFixed(2) + "×";
       const types = Object.keys(f.consumers).sort();
       $("fg-lag").textContent = types.length
         ? types.map((t) => t + " " + (f.consumers[t].lag || 0)).join(", ")
@@ -456,7 +459,7 @@
       const x = Math.round(f.time);
       if (loadChart) {
         loadChart.push(x, [f.active_generations, f.sse_clients]);
-        rateChart.push(x, [f.entries_in_per_second, f.events_out_per_second]);
+        rateChart.push(x, [f.tokens_in_per_second, f.tokens_out_per_second]);
         lagChart.setLabels(types.length ? types : ["(none)"]);
         lagChart.push(x, types.length ? types.map((t) => f.consumers[t].lag || 0) : [0]);
       }
@@ -521,7 +524,7 @@
     $("add-reader").addEventListener("click", () => addPane(true));
     gapChart = new Chart($("gap-chart"), ["gap ms"], { xTime: false });
     loadChart = new Chart($("load-chart"), ["generations", "SSE clients"]);
-    rateChart = new Chart($("rate-chart"), ["entries in/s", "events out/s"]);
+    rateChart = new Chart($("rate-chart"), ["tokens in/s", "tokens out/s"]);
     lagChart = new Chart($("lag-chart"), ["(none)"]);
     let resizing = null;
     window.addEventListener("resize", () => {

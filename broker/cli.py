@@ -25,8 +25,9 @@ def _settings(**overrides: object) -> Settings:
     except ValidationError as exc:
         names = Settings.env_names_by_field()
         for error in exc.errors():
-            field = str(error["loc"][0]) if error["loc"] else ""
-            where = " or ".join(names.get(field, [field]))
+            loc = str(error["loc"][0]) if error["loc"] else ""
+            where = next((" or ".join(env) for field, env in names.items()
+                          if loc == field or loc.upper() in env), loc)
             typer.echo(f"error: invalid setting {where}: {error['msg']}", err=True)
         raise typer.Exit(2) from None
 

@@ -11,6 +11,8 @@ import pytest
 @pytest.mark.parametrize(("command", "env", "expected"), [
     (["serve"], {"TOKENTEE_CORS_ORIGINS": "*"}, "error: invalid setting TOKENTEE_CORS_ORIGINS:"),
     (["serve"], {"TOKENTEE_PORT": "abc"}, "error: invalid setting TOKENTEE_PORT:"),
+    (["serve"], {"REDIS_URL": "localhost:6379"},
+     "error: invalid setting TOKENTEE_REDIS_URL or REDIS_URL:"),
     (["consume", "sentences"], {"REDIS_URL": "redis://127.0.0.1:1", "TOKENTEE_KEY_PREFIX": "a b"},
      "error: invalid setting TOKENTEE_KEY_PREFIX:"),
 ])

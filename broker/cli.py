@@ -6,6 +6,7 @@ import asyncio
 from typing import Annotated
 
 import typer
+from pydantic import ValidationError
 
 from broker.logs import configure_logging
 from broker.settings import Settings
@@ -18,7 +19,17 @@ app = typer.Typer(
 
 
 def _settings(**overrides: object) -> Settings:
-    return Settings(**{k: v for k, v in overrides.items() if v is not None})  # type: ignore[arg-type]
+    """The settings, or exit 2 with one line per invalid one (named by its variables)."""
+    try:
+        return Settings(**{k: v for k, v in overrides.items() if v is not None})  # type: ignore[arg-type]
+    except ValidationError as exc:
+        names = Settings.env_names_by_field()
+        for error in exc.errors():
+            loc = str(error["loc"][0]) if error["loc"] else ""
+            where = next((" or ".join(env) for field, env in names.items()
+                          if loc == field or loc.upper() in env), loc)
+            typer.echo(f"error: invalid setting {where}: {error['msg']}", err=True)
+        raise typer.Exit(2) from None
 
 
 def _env_epilog() -> str:

@@ -31,7 +31,7 @@ from typing import Any, cast
 from urllib.parse import urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
-from redis.asyncio.cluster import ClusterPipeline, RedisCluster
+from redis.asyncio.cluster import ClusterNode, ClusterPipeline, RedisCluster
 from redis.exceptions import ClusterError, RedisClusterException, RedisError
 
 from broker.errors import RedisUnavailable
@@ -53,6 +53,7 @@ def _common(url: str, settings: Settings, role: str) -> dict[str, Any]:
     return options
 
 
+_STREAM_READS = ("XREAD", "XREADGROUP")
 CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
 # The cluster client opens connections per node as needed up to this many per node and then
 # raises (it cannot wait for a free one as ``BlockingConnectionPool`` does), so its cap is a
@@ -87,9 +88,29 @@ class ClusterUnavailable(ClusterError):
 class _Cluster(RedisCluster):
     async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
         try:
+            if args and args[0] in _STREAM_READS and "target_nodes" not in kwargs:
+                node = await self._node_of_streams(args)
+                if node is not None:
+                    kwargs["target_nodes"] = node
             return await super().execute_command(*args, **kwargs)
         except RedisClusterException as exc:
             raise ClusterUnavailable(str(exc)) from exc
+
+    async def _node_of_streams(self, args: tuple[Any, ...]) -> ClusterNode | None:
+        """The node that serves the streams of an ``XREAD``/``XREADGROUP`` (all in one slot).
+
+        redis-py would first ask a node for the command's keys (``COMMAND GETKEYS``: one
+        more round trip per blocking read); the keys follow ``STREAMS``, half of the rest.
+        ``MOVED`` is still followed; after a connection error the map is reloaded here."""
+        for i, arg in enumerate(args):
+            if arg in (b"STREAMS", "STREAMS"):  # the first one (group names are lowercase)
+                keys = args[i + 1:i + 1 + (len(args) - i - 1) // 2]
+                slots = {self.keyslot(key) for key in keys}
+                if len(slots) != 1:
+                    return None  # let redis-py refuse it as it would
+                await self.initialize()  # a no-op unless the map is missing or stale
+                return self.nodes_manager.get_node_from_slot(slots.pop())
+        return None
 
     def pipeline(self, transaction: Any | None = None, shard_hint: Any | None = None
                  ) -> ClusterPipeline:

@@ -497,20 +497,12 @@ class Hub:
                         await self.log.redis.delete(group.wake_key)
 
     async def _xread(self, group: _ReadGroup, names: dict[Any, Any]) -> XReadReply | None:
-        if group.slot is None:
-            return cast(XReadReply | None, await self._block_redis.xread(
-                names, block=self.settings.block_ms, count=self.settings.catchup_batch
-            ))
-        # Straight to the node that owns the slot.  (``xread`` would first ask a node for
-        # the command's keys, ``COMMAND GETKEYS``: one more round trip per read.)  On
-        # ``MOVED`` redis-py updates its slot map and retries on the new owner; after a
-        # connection error it reloads the map, here before the node is picked.
-        cluster = cast(RedisCluster, self._block_redis)
-        await cluster.initialize()  # a no-op unless the map is missing or stale
-        node = cluster.nodes_manager.get_node_from_slot(group.slot)
-        return cast(XReadReply | None, await cluster.execute_command(
-            "XREAD", "COUNT", self.settings.catchup_batch, "BLOCK", self.settings.block_ms,
-            "STREAMS", *names.keys(), *names.values(), target_nodes=node,
+        # On a cluster all of ``names`` are in the group's slot, and the cluster client sends
+        # the read straight to the node that serves it (``connections._Cluster``); on
+        # ``MOVED`` redis-py updates its slot map and retries on the new owner, and after a
+        # connection error the map is reloaded before the next read.
+        return cast(XReadReply | None, await self._block_redis.xread(
+            names, block=self.settings.block_ms, count=self.settings.catchup_batch
         ))
 
     async def _read_once(self, group: _ReadGroup | None = None) -> None:

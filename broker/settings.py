@@ -263,6 +263,14 @@ class Settings(BaseSettings):
                 out[field] = [f"{prefix}{field}".upper()]
         return out
 
+    @field_validator("redis_url")
+    @classmethod
+    def _check_redis_url(cls, value: str | None) -> str | None:
+        schemes = ("redis://", "rediss://", "unix://", "redis+cluster://", "rediss+cluster://")
+        if value is not None and not value.startswith(schemes):
+            raise ValueError("REDIS_URL must start with " + ", ".join(schemes))
+        return value
+
     @field_validator("key_prefix")
     @classmethod
     def _check_prefix(cls, value: str) -> str:

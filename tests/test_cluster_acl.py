@@ -3,7 +3,7 @@
 ACLs are per node, so the users are set on every master.  The API runs as the API user and
 both consumer types run as ``tokentee consume`` processes as the worker user, with
 generations on every master; every node's ``ACL LOG`` must stay empty: a command the
-cluster client needs (``CLUSTER SLOTS``, ``COMMAND``, ``COMMAND GETKEYS``) but the README
+cluster client needs (``CLUSTER SLOTS``, ``COMMAND``) but the README
 does not grant fails here even where the code swallows the error.
 """
 

@@ -86,6 +86,18 @@ class ClusterUnavailable(ClusterError):
 
 
 class _Cluster(RedisCluster):
+    async def aclose(self) -> None:
+        """Close every node's connections, also where redis-py's own ``aclose`` closes
+        nothing: after a read failed (a timeout, a node failing over) redis-py marks the
+        client for reinitialization and then treats it as never opened, so a broker stopped
+        at that moment would leak its blocking connections."""
+        await super().aclose()
+        manager = self.nodes_manager
+        nodes = {id(node): node for node in (*manager.nodes_cache.values(),
+                                             *manager.startup_nodes.values())}
+        await asyncio.gather(*(node.disconnect() for node in nodes.values()),
+                             return_exceptions=True)
+
     async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
         try:
             if args and args[0] in _STREAM_READS and "target_nodes" not in kwargs:

@@ -487,6 +487,31 @@ async def test_a_plain_url_with_the_cluster_setting(redis_cluster: LocalCluster)
         test_hub.check_complete([e async for e in broker.events(info.id)], 10)
 
 
+async def test_a_cluster_client_closes_its_connections_after_a_failed_read(
+    redis_cluster: LocalCluster,
+) -> None:
+    """A blocking read that times out leaves redis-py's cluster client waiting to reload
+    its slot map, and redis-py's ``aclose`` then closes nothing; ours still closes every
+    connection (the broker's blocking clients leaked theirs when it stopped just after a
+    failover)."""
+    settings = make_settings(redis_cluster.url, block_ms=200, redis_timeout_slack_seconds=0.2)
+    url = settings.redis_url or ""
+    name = f"{settings.key_prefix}:probe"
+    client = blocking_client(url, settings, "probe")
+    with pytest.raises(redis.exceptions.TimeoutError):
+        # BLOCK above the socket timeout (0.4 s): the read times out on the client side.
+        await client.xread({f"{settings.key_prefix}:{{p}}:quiet": "$"}, block=5_000)
+    await client.aclose()
+
+    async def all_closed() -> bool:
+        for port in redis_cluster.ports:
+            with redis_cluster.node(port) as node:
+                if any(c.get("name") == name for c in node.client_list()):
+                    return False
+        return True
+    await until(all_closed, 10)
+
+
 @pytest.fixture(scope="module")
 def tls_cluster() -> Iterator[LocalCluster]:
     binaries = cluster_binaries()

@@ -33,6 +33,7 @@ from broker.formats import native_frame
 from broker.keys import is_generation_id
 from broker.log import XReadReply
 from broker.logs import set_generation
+from broker.sse import ShieldedNext
 
 if TYPE_CHECKING:
     from broker.service import Broker
@@ -183,19 +184,13 @@ class ChannelCursor:
 
     def __init__(self, name: str, follower: AsyncIterator[ChannelEvent]) -> None:
         self.gid = f"channel {name}"
-        self._follower = follower
-        self._next: asyncio.Future[ChannelEvent] | None = None
+        self._follower = ShieldedNext(follower)
 
     def __aiter__(self) -> ChannelCursor:
         return self
 
     async def __anext__(self) -> Event:
-        if self._next is None:
-            self._next = asyncio.ensure_future(anext(self._follower))
-        # Shielded: a cancelled wait (the response's heartbeat timeout) leaves the read
-        # running for the next call, instead of cancelling the follower.
-        item = await asyncio.shield(self._next)
-        self._next = None
+        item = await self._follower.get()
         data = {"generation": item.generation, **item.event.data}
         event = Event(seq=item.event.seq, type=item.event.type, data=data, ts=item.event.ts)
         frame = native_frame(item.position, event.type, event.json_data())
@@ -206,9 +201,4 @@ class ChannelCursor:
         return []
 
     async def aclose(self) -> None:
-        if self._next is not None:
-            self._next.cancel()
-            await asyncio.gather(self._next, return_exceptions=True)
-        aclose = getattr(self._follower, "aclose", None)
-        if aclose is not None:
-            await aclose()
+        await self._follower.aclose()

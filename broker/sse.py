@@ -13,8 +13,8 @@ import asyncio
 import contextlib
 import logging
 import re
-from collections.abc import Awaitable
-from typing import Protocol
+from collections.abc import AsyncIterator, Awaitable
+from typing import Generic, Protocol, TypeVar
 
 from redis.exceptions import RedisError
 from starlette.responses import Response
@@ -62,6 +62,50 @@ def encode_event(event: Event) -> bytes:
 
 def comment(text: str) -> bytes:
     return f": {text.replace(chr(13), ' ').replace(chr(10), ' ')}\n\n".encode()
+
+
+_T = TypeVar("_T")
+
+
+class ShieldedNext(Generic[_T]):
+    """The next item of an async iterator, for cursors that :class:`EventStreamResponse`
+    drives: a cancelled wait (the response's heartbeat timeout) leaves the read running for
+    the next call instead of cancelling the iterator, which a cancelled ``anext`` would
+    leave unusable."""
+
+    def __init__(self, source: AsyncIterator[_T]) -> None:
+        self._source = source
+        self._next: asyncio.Future[_T] | None = None
+
+    async def get(self) -> _T:
+        """The next item; raises what the iterator raises (``StopAsyncIteration`` at its
+        end)."""
+        if self._next is None:
+            self._next = asyncio.ensure_future(anext(self._source))
+        read = self._next
+        try:
+            item = await asyncio.shield(read)
+        except asyncio.CancelledError:
+            # Our wait was cancelled: the read, or the item it has already produced, stays
+            # for the next call (clearing it here would drop that item).
+            if read.cancelled():
+                self._next = None
+            raise
+        except BaseException:
+            self._next = None
+            raise
+        self._next = None
+        return item
+
+    async def aclose(self) -> None:
+        """Cancel a read in flight and close the iterator."""
+        if self._next is not None:
+            self._next.cancel()
+            await asyncio.gather(self._next, return_exceptions=True)
+            self._next = None
+        aclose = getattr(self._source, "aclose", None)
+        if aclose is not None:
+            await aclose()
 
 
 class EventSource(Protocol):

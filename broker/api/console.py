@@ -38,7 +38,7 @@ from broker.providers.base import GenerationRequest
 from broker.providers.simulated import DEFAULT_TOKENS_PER_SECOND
 from broker.service import Broker
 from broker.settings import Settings
-from broker.sse import EventStreamResponse, parse_resume_id
+from broker.sse import EventStreamResponse, ShieldedNext, parse_resume_id
 
 STATIC_DIR = Path(__file__).resolve().parent.parent / "static"
 SENTENCES = "sentences"
@@ -163,9 +163,8 @@ class RecordsCursor:
     def __init__(self, gid: str, records: AsyncIterator[dict[str, Any]], after: int) -> None:
         self.gid = gid
         self.finished = False
-        self._records = records
+        self._records = ShieldedNext(records)
         self._last = after
-        self._next: asyncio.Future[dict[str, Any]] | None = None
 
     def __aiter__(self) -> RecordsCursor:
         return self
@@ -173,17 +172,11 @@ class RecordsCursor:
     async def __anext__(self) -> Event:
         if self.finished:
             raise StopAsyncIteration
-        if self._next is None:
-            self._next = asyncio.ensure_future(anext(self._records))
         try:
-            # Shielded: the response's heartbeat timeout cancels the wait, not the read.
-            record = await asyncio.shield(self._next)
+            record = await self._records.get()
         except (StopAsyncIteration, GenerationNotFound):  # the end, or expired meanwhile
             self.finished = True
             return Event(seq=self._last, type="end", data={"sentences": self._last})
-        finally:
-            if self._next.done():
-                self._next = None
         self._last = int(record.get("index", self._last + 1))
         return Event(seq=self._last, type="sentence", data=record)
 
@@ -191,7 +184,4 @@ class RecordsCursor:
         return []
 
     async def aclose(self) -> None:
-        if self._next is not None:
-            self._next.cancel()
-            await asyncio.gather(self._next, return_exceptions=True)
-        await cast(Any, self._records).aclose()
+        await self._records.aclose()

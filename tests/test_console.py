@@ -363,10 +363,15 @@ async def test_readable_on_a_phone(page: Any) -> None:
 def test_every_static_file_is_package_data() -> None:
     """A non-editable install ships the page: every file under broker/static matches a
     ``package-data`` pattern of pyproject.toml."""
-    pyproject = tomllib.loads((STATIC.parent.parent / "pyproject.toml").read_text())
-    patterns = pyproject["tool"]["setuptools"]["package-data"]["broker"]
-    package = STATIC.parent
-    shipped = {p for pattern in patterns for p in package.glob(pattern)}  # as setuptools globs
+    root = STATIC.parent.parent
+    setuptools = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]
+    shipped = {
+        p
+        for package, patterns in setuptools["package-data"].items()
+        if package in setuptools["packages"]  # package data of an unlisted package is dropped
+        for pattern in patterns
+        for p in (root / package.replace(".", "/")).glob(pattern)  # as setuptools globs
+    }
     files = {p for p in STATIC.rglob("*") if p.is_file()}
     assert len(files) >= 6
     assert files - shipped == set()

@@ -62,12 +62,18 @@ def server_settings() -> dict[str, Any]:
 
 
 @pytest.fixture
+def consumer_types() -> tuple[str, ...]:
+    """The consumer types the ``served`` server runs (overridden by tests)."""
+    return ("sentences", "analytics")
+
+
+@pytest.fixture
 async def served(
-    redis_url: str, server_settings: dict[str, Any]
+    redis_url: str, server_settings: dict[str, Any], consumer_types: tuple[str, ...]
 ) -> AsyncIterator[tuple[str, Broker]]:
     """A server with both built-in consumer types running, as ``tokentee serve`` has."""
     settings = make_settings(redis_url, sentences_sink="off", **server_settings)
-    types = [load_consumer_type(name, settings) for name in ("sentences", "analytics")]
+    types = [load_consumer_type(name, settings) for name in consumer_types]
     try:
         async with Broker.open(settings, consumers=types) as b, running_server(
             settings, b
@@ -347,6 +353,27 @@ async def test_cancel_from_the_page(page: Any, client: httpx.AsyncClient) -> Non
     a, b = await pane_state(page, "A"), await pane_state(page, "B")
     assert a["text"] == b["text"] == status["text"]
     await page.screenshot(path=screenshot_path("console-cancelled.png"), full_page=True)
+
+
+@needs_chromium
+@pytest.mark.parametrize("consumer_types", [("analytics",)])
+async def test_the_sentences_pane_says_when_no_logger_runs_and_catches_up_when_one_starts(
+    page: Any, client: httpx.AsyncClient, served: tuple[str, Broker]
+) -> None:
+    gid = await start_from_page(page, max_tokens=40, pace=200)
+    await page.wait_for_function(
+        "document.getElementById('sent-status').textContent"
+        ".startsWith('No sentence logger is running')")
+    await wait_for_pane(page, "A", "p.finished")
+    assert await page.locator("#sentence-list li").count() == 0
+    # A logger started elsewhere (another process, here another Broker on the same Redis)
+    # takes the generation that has already ended; the open stream delivers its sentences.
+    settings = served[1].settings
+    async with Broker.open(settings, consumers=[load_consumer_type("sentences", settings)]):
+        await page.wait_for_function(
+            "document.getElementById('sent-status').textContent.startsWith('All ')")
+    sentences = await page.locator("#sentence-list li").all_text_contents()
+    assert " ".join(sentences) == (await client.get(f"/v1/streams/{gid}")).json()["text"]
 
 
 @needs_chromium

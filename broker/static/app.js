@@ -267,6 +267,23 @@
 
   const current = { id: null, panes: [], sentences: null, statsTimer: null, lastArrival: null, gaps: 0 };
   let gapChart = null;
+  // The sentences pane's state: its count, whether the logger's `end` came, and whether the
+  // broker figures (polled every second) report a live sentence logger.  Without one the
+  // pane says so instead of waiting silently; the stream stays open and catches up the
+  // moment a logger starts.
+  const sentenceState = { count: 0, ended: false, loggerUp: null, problem: null };
+
+  function showSentenceStatus() {
+    const { count, ended, loggerUp, problem } = sentenceState;
+    let text;
+    if (problem) text = "Could not open the sentences: " + problem;
+    else if (ended) text = "All " + count + " sentences logged.";
+    else if (loggerUp === false) {
+      text = "No sentence logger is running: its sentences appear here once one starts"
+        + " (tokentee consume sentences)." + (count ? " " + count + " so far." : "");
+    } else text = count ? count + " sentences so far" : "Waiting for the sentence logger…";
+    $("sent-status").textContent = text;
+  }
 
   function watch(gid) {
     current.panes.forEach((p) => p.close());
@@ -313,31 +330,36 @@
   }
 
   async function followSentences(gid) {
-    $("sent-status").textContent = "Waiting for the sentence logger…";
+    sentenceState.count = 0;
+    sentenceState.ended = false;
+    sentenceState.problem = null;
+    showSentenceStatus();
     let url;
     try {
       url = await streamUrl(gid, "v1/streams/" + encodeURIComponent(gid) + "/sentences/events");
     } catch (err) {
       if (!(err instanceof ApiError)) throw err;
-      $("sent-status").textContent = "Could not open the sentences: " + err.message;
+      if (gid !== current.id) return;
+      sentenceState.problem = err.message;
+      showSentenceStatus();
       return;
     }
     if (gid !== current.id) return;
     const source = new EventSource(url);
     current.sentences = source;
-    let count = 0;
     source.addEventListener("sentence", (e) => {
       const record = JSON.parse(e.data);
       const li = document.createElement("li");
       li.textContent = record.text;
       li.value = record.index;
       $("sentence-list").appendChild(li);
-      count = record.index;
-      $("sent-status").textContent = count + " sentences so far";
+      sentenceState.count = record.index;
+      showSentenceStatus();
     });
     source.addEventListener("end", () => {
       source.close();
-      $("sent-status").textContent = "All " + count + " sentences logged.";
+      sentenceState.ended = true;
+      showSentenceStatus();
     });
   }
 
@@ -453,6 +475,11 @@
       $("fg-out").textContent = f.tokens_out_per_second;
       $("fg-fanout").textContent = f.fanout_ratio.toFixed(2) + "×";
       const types = Object.keys(f.consumers).sort();
+      const loggerUp = Boolean(f.consumers.sentences && f.consumers.sentences.up);
+      if (loggerUp !== sentenceState.loggerUp) {
+        sentenceState.loggerUp = loggerUp;
+        if (current.id !== null) showSentenceStatus();
+      }
       $("fg-lag").textContent = types.length
         ? types.map((t) => t + " " + (f.consumers[t].lag || 0)).join(", ")
         : "no consumers";

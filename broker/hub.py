@@ -537,6 +537,10 @@ class Hub:
     def _dispatch(self, stream: _Stream, entries: list[StreamEntry]) -> None:
         events = [e for e in decode_entries(entries) if e.seq > stream.head]
         if events:
+            now = time.time()
+            for event in events:
+                if event.ts:  # entries the broker did not write may have no ts
+                    self.metrics.hub_entry_age_seconds.observe(max(0.0, now - event.ts))
             self._deliver(stream, events)
 
     def _deliver(self, stream: _Stream, events: list[Event]) -> None:

@@ -12,6 +12,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -274,11 +275,32 @@ async def test_metrics_count_generations_clients_and_tokens(
     assert values[("tokentee_sse_clients", ())] == 0
     assert values[("tokentee_active_generations", ())] == 0
     assert values[("tokentee_hub_read_seconds_count", ())] >= 1
+    # Entries the hub read live (those before the first client came by catch-up).
+    assert 1 <= values[("tokentee_hub_entry_age_seconds_count", ())] <= tokens_in + 1
     assert values[("tokentee_redis_errors_total", (("op", "api"),))] == 0
     # What /metrics exposed before stays: consumer metrics and the process's own.
     assert "tokentee_consumer_up" in response.text or "tokentee_generations_total" in (
         response.text)
     assert "process_cpu_seconds_total" in response.text or "python_info" in response.text
+
+
+async def test_hub_entry_age_is_measured_from_the_producers_timestamp(broker: Broker) -> None:
+    gid = "gentryage0001"
+    log = broker.log
+    await log.create(gid, provider="p", model="m", owner="x", lease_ms=60_000, ttl_seconds=60)
+    age = broker.metrics.hub_entry_age_seconds
+    before = {s.name: s.value for s in age.collect()[0].samples if not s.labels}
+    async with broker.subscribe(gid) as cursor:
+        # Appended after the subscription, so the hub's XREAD reads them (the cursor has
+        # nothing to catch up on); stamped a minute ago, as by a producer that far behind.
+        stamp = time.time() - 60
+        await log.append(gid, "x", 60_000, [(1, "token", {"text": "a"}, stamp, "a"),
+                                            (2, "token", {"text": "b"}, stamp, "b")])
+        assert [(await anext(cursor)).seq for _ in range(2)] == [1, 2]
+    after = {s.name: s.value for s in age.collect()[0].samples if not s.labels}
+    key = "tokentee_hub_entry_age_seconds"
+    assert after[key + "_count"] - before[key + "_count"] == 2
+    assert after[key + "_sum"] - before[key + "_sum"] >= 120
 
 
 async def test_two_brokers_count_separately(settings: Settings, broker: Broker) -> None:

@@ -152,10 +152,12 @@ def _wait(condition: str, check: object, deadline: float) -> None:
 
 
 def start_cluster(server: str, cli: str, masters: int = 3, replicas: int = 0, *,
-                  tls: bool = False) -> LocalCluster:
+                  tls: bool = False, node_timeout_ms: int = 5000) -> LocalCluster:
     """``masters`` masters with ``replicas`` replicas each, up with every slot served and
     every replica's link to its master up.  With ``tls``, the nodes (and their cluster bus)
-    speak TLS only, with certificates from a throw-away CA (``ca_file``)."""
+    speak TLS only, with certificates from a throw-away CA (``ca_file``).
+    ``node_timeout_ms`` is ``--cluster-node-timeout``: how long a node must be unreachable
+    before the others fail it over (shorter in tests that kill a master)."""
     directory = Path(tempfile.mkdtemp(prefix="tokentee-cluster-"))
     cluster = LocalCluster(directory, [])
     listen: list[str] = []
@@ -182,7 +184,8 @@ def start_cluster(server: str, cli: str, masters: int = 3, replicas: int = 0, *,
                 [server, *(["--port", "0", "--tls-port", str(port)] if tls else
                            ["--port", str(port)]),
                  *listen, "--bind", "127.0.0.1", "--cluster-enabled", "yes",
-                 "--cluster-config-file", "nodes.conf", "--cluster-node-timeout", "5000",
+                 "--cluster-config-file", "nodes.conf",
+                 "--cluster-node-timeout", str(node_timeout_ms),
                  "--save", "", "--appendonly", "no", "--dir", str(node_dir)],
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             ))

@@ -30,11 +30,10 @@ from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
-from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from broker.backpressure import ConsumerGate
+from broker.connections import TRANSIENT_ERRORS
 from broker.events import (
     Finish,
     ProviderEvent,
@@ -459,7 +458,8 @@ class Producer:
         self.metrics.tokens_in += sum(1 for entry in written if entry[1] == "token")
 
     async def _retrying(self, call: Callable[[], Awaitable[T]]) -> T:
-        """Run a log write, retrying connection failures with backoff.
+        """Run a log write, retrying connection failures and cluster failovers
+        (:data:`~broker.connections.TRANSIENT_ERRORS`) with backoff.
 
         Safe because both writes are idempotent: appends carry explicit sequence numbers
         (what Redis already applied is skipped) and a second finish is a no-op.  Gives up
@@ -473,7 +473,7 @@ class Producer:
                 return await call()
             except RedisError as exc:
                 self.metrics.redis_error("log_write")
-                if not isinstance(exc, RedisConnectionError | RedisTimeoutError) or (
+                if not isinstance(exc, TRANSIENT_ERRORS) or (
                     loop.time() + delay > give_up
                 ):
                     raise

@@ -74,9 +74,10 @@ class LocalCluster:
     def client(self) -> RedisCluster:
         return RedisCluster(host="127.0.0.1", port=self.ports[0], **self._tls())
 
-    def slot_ranges(self) -> list[tuple[int, int, int]]:
-        """``(first slot, last slot, master port)`` of every slot range."""
-        with self.node(self.ports[0]) as node:
+    def slot_ranges(self, via: int | None = None) -> list[tuple[int, int, int]]:
+        """``(first slot, last slot, master port)`` of every slot range, as the node on port
+        ``via`` (default: the first) sees them."""
+        with self.node(self.ports[0] if via is None else via) as node:
             return [(int(first), int(last), int(master[1]))
                     for first, last, master, *_ in node.execute_command("CLUSTER SLOTS")]
 
@@ -91,8 +92,8 @@ class LocalCluster:
             return int(address.split("@")[0].rpartition(":")[2])
         raise LookupError(f"master {master} has no replica")
 
-    def master_of_slot(self, slot: int) -> int:
-        for first, last, port in self.slot_ranges():
+    def master_of_slot(self, slot: int, via: int | None = None) -> int:
+        for first, last, port in self.slot_ranges(via):
             if first <= slot <= last:
                 return port
         raise LookupError(f"no master serves slot {slot}")

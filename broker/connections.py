@@ -32,7 +32,15 @@ from urllib.parse import urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import ClusterNode, ClusterPipeline, RedisCluster
-from redis.exceptions import ClusterError, RedisClusterException, RedisError
+from redis.exceptions import (
+    ClusterDownError,
+    ClusterError,
+    RedisClusterException,
+    RedisError,
+    TryAgainError,
+)
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from broker.errors import RedisUnavailable
 from broker.settings import Settings
@@ -83,6 +91,14 @@ class ClusterUnavailable(ClusterError):
     """A cluster failure that redis-py raises outside ``RedisError`` (no node serves a slot
     during a failover, no node could be reached), re-raised as a ``RedisError`` so that
     every retry loop and error mapping that handles Redis failures handles it too."""
+
+
+# Failures after which the same write may well succeed: a lost or timed-out connection, and
+# a cluster in the middle of a failover (CLUSTERDOWN until the replica is promoted, TRYAGAIN,
+# or no node reachable while redis-py reloads its slot map).
+TRANSIENT_ERRORS: tuple[type[RedisError], ...] = (
+    RedisConnectionError, RedisTimeoutError, ClusterDownError, TryAgainError, ClusterUnavailable,
+)
 
 
 class _Cluster(RedisCluster):

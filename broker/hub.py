@@ -25,7 +25,10 @@ and a cursor only turns live after checking, with no await in between, that it h
 up to the hub's head, there is no gap and no duplicate at the seam.
 
 Entries that the log no longer holds (trimmed, expired) are reported to the reader as one
-``gap`` event, never skipped silently.
+``gap`` event, never skipped silently.  If the log loses entries the hub has already read
+(a failover to a replica that lacked them; the producer normally writes them again) and then
+ends below the hub's head, where no read after the head can see the end, the reaper ends the
+readers with ``error``/``log_lost``.
 
 The hub also reaps generations whose producer died: a live stream that is silent for a lease
 period and has no lease left is ended with ``error``/``producer_lost`` (unless built with
@@ -55,7 +58,7 @@ from broker.connections import raise_if_cancelled
 from broker.errors import GenerationNotFound, InvalidResumePoint
 from broker.events import Event
 from broker.keys import entry_id
-from broker.log import GenerationLog, StreamEntry, XReadReply, decode_entries
+from broker.log import GenerationLog, GenerationMeta, StreamEntry, XReadReply, decode_entries
 from broker.logs import generation_context
 from broker.metrics import BrokerMetrics
 from broker.settings import Settings
@@ -240,10 +243,14 @@ def _gap(first: int, last: int) -> Event:
     return Event(seq=last, type="gap", data={"first_missing": first, "last_missing": last})
 
 
-def _lost(seq: int) -> Event:
+_GONE = "the log of this generation is gone"
+_ROLLED_BACK = ("the log of this generation lost entries this reader had read, and ended"
+                " (a Redis failover to a replica that had not received them)")
+
+
+def _lost(seq: int, message: str = _GONE) -> Event:
     """A synthetic terminal for a generation whose log (or its end) is gone from Redis."""
-    return Event(seq=seq, type="error",
-                 data={"code": "log_lost", "message": "the log of this generation is gone"})
+    return Event(seq=seq, type="error", data={"code": "log_lost", "message": message})
 
 
 class Hub:
@@ -553,15 +560,27 @@ class Hub:
         for cursor in stream.cursors:
             cursor._offer(events)
 
-    def _lose(self, gid: str) -> None:
-        """The generation's keys are gone (expired, or Redis restarted without its data):
-        end its readers with an explicit error instead of letting them wait forever."""
+    def _lose(self, gid: str, meta: GenerationMeta | None) -> None:
+        """End the readers of a live stream whose end they can never read, with an explicit
+        error instead of letting them wait forever: the generation's keys are gone
+        (``meta`` None: expired, or Redis restarted without its data), or it ended at or
+        below the hub's head (the log lost entries the hub had read, in a failover, and
+        whoever ended it numbered the terminal entry after what was left)."""
         stream = self._streams.get(gid)
         if stream is None or not stream.live:
             return
         with generation_context(gid):
-            logger.warning("generation %s vanished from Redis; ending its readers", gid)
-        self._deliver(stream, [_lost(stream.head + 1)])
+            if meta is None:
+                logger.warning("generation %s vanished from Redis; ending its readers", gid)
+                message = _GONE
+            elif meta.terminal and meta.last_seq <= stream.head:
+                logger.error("generation %s ended at seq %d, below the %d its readers got:"
+                             " the log lost entries; ending its readers", gid, meta.last_seq,
+                             stream.head)
+                message = _ROLLED_BACK
+            else:
+                return
+        self._deliver(stream, [_lost(stream.head + 1, message)])
 
     # --- the reaper ----------------------------------------------------------------------------
 
@@ -582,11 +601,9 @@ class Hub:
                     if ok:
                         continue
                     if self.reap:
-                        outcome = await self.log.reap_if_orphaned(gid)
-                    else:
-                        outcome = "missing" if await self.log.meta(gid) is None else "alive"
-                    if outcome == "missing":
-                        self._lose(gid)
+                        await self.log.reap_if_orphaned(gid)
+                    # Gone, or ended where our read cannot see it: end the readers.
+                    self._lose(gid, await self.log.meta(gid))
             except RedisError as exc:  # OOM, READONLY, ...: retried at the next check
                 self.metrics.redis_error("reaper")
                 logger.warning("reaper check failed: %s", exc)

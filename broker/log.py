@@ -6,10 +6,14 @@ is atomic and cluster-safe:
 - ``append``: writes a batch of entries with explicit ids ``0-<seq>``, the accumulated text
   and ``last_seq``, and renews the producer's lease.  An entry at or below ``last_seq`` is
   skipped (a retried call cannot duplicate a token).  A finished generation, or one leased by
-  another producer, refuses the append (fencing).
+  another producer, refuses the append (fencing).  A batch that starts beyond
+  ``last_seq + 1`` is refused with :class:`LogBehind`: the log lost entries its producer had
+  written (a Redis failover to a replica that lacked them), and the producer repairs it.
 - ``finish``: writes the one terminal entry together with the status, drops the lease and sets
   the retention TTL.  A second finish is a no-op that reports the existing status, so there is
-  exactly one terminal entry whoever races to write it (producer, cancel, reaper).
+  exactly one terminal entry whoever races to write it (producer, cancel, reaper).  The
+  producer says which seq its terminal entry follows, so that it is never written over a seq
+  that readers already got with other content.
 - ``request_cancel``: marks the generation for cancellation; if no producer holds the lease it
   writes ``cancelled`` itself, since nobody else would.
 """
@@ -50,9 +54,9 @@ local i = 5
 for _ = 1, n do
   local seq = tonumber(ARGV[i])
   if seq > last then
-    if seq ~= last + 1 then
-      return redis.error_reply('tokentee: sequence gap at ' .. seq .. ' after ' .. last)
-    end
+    -- Entries are contiguous, so only the first new one can leave a hole, before anything
+    -- was written: the log lacks entries the producer wrote (lost in a failover).
+    if seq ~= last + 1 then return {-3, last} end
     redis.call('XADD', KEYS[1], 'MAXLEN', ARGV[2], '0-' .. seq,
                'type', ARGV[i + 1], 'data', ARGV[i + 2], 'ts', ARGV[i + 3])
     if ARGV[i + 4] ~= '' then redis.call('APPEND', KEYS[3], ARGV[i + 4]) end
@@ -75,7 +79,9 @@ return {last, meta[3] or ''}
 """
 
 # ARGV: owner ('' = not a producer), mode ('owner' | 'orphaned' | 'any'), type, data, ts,
-#       status, finish_reason, retention seconds, then field/value pairs for the meta hash.
+#       status, finish_reason, retention seconds, after (the seq the caller knows the log
+#       holds, 0 if it knows none), on_behind ('refuse' | 'skip'), then field/value pairs
+#       for the meta hash.
 _FINISH = """
 local status = redis.call('HGET', KEYS[2], 'status')
 if not status then return {0, ''} end
@@ -86,10 +92,19 @@ if ARGV[2] == 'owner' then
 elseif ARGV[2] == 'orphaned' then
   if holder then return {0, 'running'} end
 end
-local seq = tonumber(redis.call('HGET', KEYS[2], 'last_seq') or '0') + 1
+local last = tonumber(redis.call('HGET', KEYS[2], 'last_seq') or '0')
+local after = tonumber(ARGV[9])
+if last < after then
+  -- The log lost entries the caller wrote (a failover): numbering the terminal entry
+  -- last + 1 would give readers who got those entries a second, different entry with the
+  -- same seq.  Refuse (the producer repairs the log first), or leave the hole.
+  if ARGV[10] ~= 'skip' then return {-3, tostring(last)} end
+  last = after
+end
+local seq = last + 1
 redis.call('XADD', KEYS[1], '0-' .. seq, 'type', ARGV[3], 'data', ARGV[4], 'ts', ARGV[5])
 redis.call('HSET', KEYS[2], 'status', ARGV[6], 'last_seq', seq, 'finish_reason', ARGV[7])
-for j = 9, #ARGV, 2 do redis.call('HSET', KEYS[2], ARGV[j], ARGV[j + 1]) end
+for j = 11, #ARGV, 2 do redis.call('HSET', KEYS[2], ARGV[j], ARGV[j + 1]) end
 redis.call('DEL', KEYS[4])
 local ttl = tonumber(ARGV[8])
 redis.call('EXPIRE', KEYS[1], ttl)
@@ -180,6 +195,16 @@ class AppendResult:
 
 class GenerationFenced(Exception):
     """The generation is no longer ours to write: it finished, or our lease on it expired."""
+
+
+class LogBehind(Exception):
+    """The log holds fewer entries than the writer knows it wrote: Redis lost the newest
+    ones (a failover to a replica that had not received them).  ``last_seq`` is what the log
+    holds now; nothing was written."""
+
+    def __init__(self, gid: str, last_seq: int) -> None:
+        super().__init__(f"generation {gid}: the log holds only up to seq {last_seq}")
+        self.last_seq = last_seq
 
 
 def decode_entries(raw: list[StreamEntry]) -> list[Event]:
@@ -279,7 +304,8 @@ class GenerationLog:
         entries: list[tuple[int, str, dict[str, Any], float, str]],
     ) -> AppendResult:
         """Append ``(seq, type, data, ts, text)`` entries.  Raises :class:`GenerationFenced`
-        if the generation finished or is leased to someone else."""
+        if the generation finished or is leased to someone else, and :class:`LogBehind` if
+        the log lacks entries before the first new one (nothing is written then)."""
         keys = self.keys(gid)
         args: list[str | int] = [owner, self.max_entries, lease_ms, len(entries)]
         for seq, etype, data, ts, text in entries:
@@ -288,6 +314,8 @@ class GenerationLog:
         last, flag = await self._append(keys=list(keys.all()), args=args)
         if int(last) == -1:
             raise GenerationFenced(f"generation {gid} has ended ({_s(flag) or 'gone'})")
+        if int(last) == -3:
+            raise LogBehind(gid, int(flag))
         if int(last) < 0:
             raise GenerationFenced(
                 f"generation {gid}: this producer lost its lease"
@@ -299,19 +327,25 @@ class GenerationLog:
     async def finish(
         self, gid: str, etype: str, data: dict[str, Any], *, owner: str = "",
         mode: str = "owner", finish_reason: str = "", meta: dict[str, str] | None = None,
+        after: int = 0, skip_lost: bool = False,
     ) -> tuple[int, str]:
         """Write the terminal entry atomically with the status.
 
         Returns ``(seq, status)``: ``seq`` is the terminal entry's sequence number, or 0 if
         this call wrote nothing because the generation had already ended (``status`` then
         says how) or, in ``owner``/``orphaned`` mode, a live producer holds it.
+
+        ``after`` is the last seq the caller knows it wrote.  If the log holds less (entries
+        lost in a failover), raises :class:`LogBehind` and writes nothing, or with
+        ``skip_lost`` numbers the terminal entry ``after + 1``, leaving the lost seqs as a
+        hole that readers get as a ``gap``.
         """
         status = {"done": "done", "error": "error", "cancelled": "cancelled"}[etype]
         keys = self.keys(gid)
         now = time.time()
         args: list[str | int] = [
             owner, mode, etype, dumps(data), f"{now * 1000:.3f}", status,
-            finish_reason, self.retention_seconds,
+            finish_reason, self.retention_seconds, after, "skip" if skip_lost else "refuse",
         ]
         fields = {"finished": f"{now:.6f}", **(meta or {})}
         if etype == "error":
@@ -319,6 +353,8 @@ class GenerationLog:
         for k, v in fields.items():
             args += [k, v]
         seq, st = await self._finish(keys=list(keys.all()), args=args)
+        if int(seq) == -3:
+            raise LogBehind(gid, int(st))
         return int(seq), st.decode() if isinstance(st, bytes) else str(st)
 
     async def request_cancel(self, gid: str, reason: str = "requested") -> str:

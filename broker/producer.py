@@ -10,6 +10,13 @@ However the generation ends (upstream finished or failed, deadline, cancel, shut
 unexpected error) the producer writes exactly one terminal entry, atomically with the status
 (:meth:`GenerationLog.finish`).  If the log refuses it because the generation already ended
 (cancelled while orphaned, reaped), nothing more is written.
+
+Redis replication is asynchronous: a replica promoted after its master crashed can lack the
+newest entries, which readers may already have got from the old master.  The producer keeps
+the entries it appended during the last lease period and writes them again, identical, when
+the log turns out to lack them (:class:`LogBehind`); while the promoted replica still has its
+lease, that period covers everything the replica can lack.  If it cannot, the generation
+ends with ``error``/``log_lost``, numbered after the lost entries (never reusing their seq).
 """
 
 from __future__ import annotations
@@ -19,14 +26,14 @@ import contextlib
 import functools
 import logging
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
-from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from broker.backpressure import ConsumerGate
+from broker.connections import TRANSIENT_ERRORS
 from broker.events import (
     Finish,
     ProviderEvent,
@@ -39,7 +46,7 @@ from broker.events import (
     Usage,
     dumps,
 )
-from broker.log import GenerationFenced, GenerationLog
+from broker.log import AppendResult, GenerationFenced, GenerationLog, LogBehind
 from broker.logs import generation_context
 from broker.metrics import BrokerMetrics
 from broker.providers.base import GenerationRequest, Provider
@@ -59,6 +66,15 @@ class CancelRequested(Exception):
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
+
+
+class LogLost(Exception):
+    """The log lost entries this producer wrote (a Redis failover), and it no longer holds
+    them to write again."""
+
+
+# A failover in the middle of a repair can call for another: give up after this many.
+_REPAIRS = 3
 
 
 class Producer:
@@ -87,6 +103,13 @@ class Producer:
         self.cancel_reason = "requested"
         self.stop_code: str | None = None
         self.seq = 0
+        self.written = 0  # the highest seq this producer has appended
+        # What it appended during the last lease period (and when, in loop time), to write
+        # again if Redis loses it.  A promoted replica that holds our lease got a renewal
+        # less than a lease ago, and with it everything appended before that renewal.
+        self._recent: deque[tuple[float, PendingEntry]] = deque()
+        self._keep_seconds = settings.lease_seconds + 1.0
+        self.repaired = 0  # entries written again after Redis lost them
         self._pending: list[PendingEntry] = []
         self._wake = asyncio.Event()
         self._drained = asyncio.Event()
@@ -123,6 +146,9 @@ class Producer:
                 terminal = _error("upstream_timeout", "the upstream timed out")
         except CancelRequested as request:
             terminal = ("cancelled", {"reason": request.reason}, "cancelled")
+        except LogLost as exc:
+            logger.error("generation %s: %s", self.gid, exc)
+            terminal = _error("log_lost", str(exc))
         except GenerationFenced as exc:
             # Ended by someone else (a cancel of an orphan, a reaper), or our lease expired
             # while we were paused or cut off: write nothing of ours.
@@ -181,17 +207,16 @@ class Producer:
         etype, data, reason = terminal
         if self._pending:  # read from upstream before the stop: keep it if we can
             try:
-                await self._retrying(
-                    functools.partial(
-                        self.log.append, self.gid, self.owner, self.lease_ms, self._pending
-                    )
-                )
+                await self._append(self._pending)
                 self._count_tokens(self._pending)
                 self._pending.clear()
             except GenerationFenced as exc:
                 logger.warning("generation %s: %s; producer stops", self.gid, exc)
                 await self._end_orphaned()
                 return
+            except LogLost as exc:  # the terminal entry below says so
+                logger.error("generation %s: could not flush %d entries: %s", self.gid,
+                             len(self._pending), exc)
             except Exception:
                 # Whatever broke the pending batch must not also cost the terminal entry:
                 # the finish script numbers it after what the log really holds.
@@ -199,12 +224,11 @@ class Producer:
                                  len(self._pending))
         extra = {"usage": dumps(self._usage)} if self._usage is not None else {}
         try:
-            seq, status = await self._retrying(
-                functools.partial(
-                    self.log.finish, self.gid, etype, data, owner=self.owner,
-                    finish_reason=reason, meta=extra,
-                )
-            )
+            seq, status = await self._write_terminal(etype, data, reason, extra)
+        except GenerationFenced as exc:  # from a repair
+            logger.warning("generation %s: %s; producer stops", self.gid, exc)
+            await self._end_orphaned()
+            return
         except RedisError as exc:
             # Nothing more we can do from here; the lease expires and a reader's reaper ends
             # the generation with ``producer_lost``, so no reader hangs.
@@ -219,6 +243,68 @@ class Producer:
         else:
             logger.info("generation %s ended: %s (%s) after %d entries", self.gid, etype,
                         reason, seq)
+
+    async def _write_terminal(
+        self, etype: str, data: dict[str, Any], reason: str, extra: dict[str, str],
+    ) -> tuple[int, str]:
+        """The finish write, after everything this producer appended: if the log lost some of
+        it, write it again first; if that is impossible, end with ``error``/``log_lost``
+        numbered after what was lost (a reader that got those seqs then gets no other entry
+        under them; one that did not gets a ``gap``)."""
+        finish = functools.partial(self.log.finish, self.gid, owner=self.owner, meta=extra)
+        try:
+            for _ in range(_REPAIRS):
+                try:
+                    return await self._retrying(functools.partial(
+                        finish, etype, data, finish_reason=reason, after=self.written))
+                except LogBehind as exc:
+                    await self._append(self._lost_after(exc.last_seq))
+            raise LogLost(f"Redis kept losing the end of the log ({_REPAIRS} failovers?)")
+        except LogLost as exc:
+            logger.error("generation %s: %s", self.gid, exc)
+            etype, data, reason = _error("log_lost", str(exc))
+        return await self._retrying(functools.partial(
+            finish, etype, data, finish_reason=reason, after=self.written, skip_lost=True))
+
+    async def _append(self, batch: list[PendingEntry]) -> AppendResult:
+        """Append ``batch`` (the entries after :attr:`written`).  If the log lacks entries
+        before it (a failover to a replica that had not received them), write those again,
+        identical, in the same call: readers that got them from the old master see nothing,
+        later readers get the same entries."""
+        entries = batch
+        for _ in range(_REPAIRS):
+            try:
+                result = await self._retrying(functools.partial(
+                    self.log.append, self.gid, self.owner, self.lease_ms, entries))
+            except LogBehind as exc:
+                entries = self._lost_after(exc.last_seq) + batch
+                continue
+            self._keep(entries)
+            return result
+        raise LogLost(f"Redis kept losing the end of the log ({_REPAIRS} failovers?)")
+
+    def _lost_after(self, last: int) -> list[PendingEntry]:
+        """The entries after ``last`` that this producer appended, to write again; raises
+        :class:`LogLost` if it no longer holds all of them."""
+        lost = [entry for _, entry in self._recent if entry[0] > last]
+        if (lost[0][0] if lost else self.written + 1) != last + 1:
+            raise LogLost(
+                f"Redis lost entries {last + 1}..{self.written} of this generation (a failover"
+                " to a replica that had not received them)"
+            )
+        logger.warning("generation %s: Redis lost entries %d..%d (a failover?); writing them"
+                       " again", self.gid, last + 1, self.written)
+        self.repaired += len(lost)
+        return lost
+
+    def _keep(self, appended: list[PendingEntry]) -> None:
+        now = asyncio.get_running_loop().time()
+        for entry in appended:
+            if entry[0] > self.written:
+                self._recent.append((now, entry))
+                self.written = entry[0]
+        while self._recent and self._recent[0][0] < now - self._keep_seconds:
+            self._recent.popleft()
 
     async def _pump(self) -> Terminal:
         try:
@@ -360,9 +446,7 @@ class Producer:
                 await self._wake.wait()
                 continue
             batch = self._pending[:batch_size]
-            result = await self._retrying(
-                functools.partial(self.log.append, self.gid, self.owner, self.lease_ms, batch)
-            )
+            result = await self._append(batch)
             self._count_tokens(batch)
             del self._pending[: len(batch)]
             self._drained.set()
@@ -374,7 +458,8 @@ class Producer:
         self.metrics.tokens_in += sum(1 for entry in written if entry[1] == "token")
 
     async def _retrying(self, call: Callable[[], Awaitable[T]]) -> T:
-        """Run a log write, retrying connection failures with backoff.
+        """Run a log write, retrying connection failures and cluster failovers
+        (:data:`~broker.connections.TRANSIENT_ERRORS`) with backoff.
 
         Safe because both writes are idempotent: appends carry explicit sequence numbers
         (what Redis already applied is skipped) and a second finish is a no-op.  Gives up
@@ -388,7 +473,7 @@ class Producer:
                 return await call()
             except RedisError as exc:
                 self.metrics.redis_error("log_write")
-                if not isinstance(exc, RedisConnectionError | RedisTimeoutError) or (
+                if not isinstance(exc, TRANSIENT_ERRORS) or (
                     loop.time() + delay > give_up
                 ):
                     raise

@@ -74,9 +74,10 @@ class LocalCluster:
     def client(self) -> RedisCluster:
         return RedisCluster(host="127.0.0.1", port=self.ports[0], **self._tls())
 
-    def slot_ranges(self) -> list[tuple[int, int, int]]:
-        """``(first slot, last slot, master port)`` of every slot range."""
-        with self.node(self.ports[0]) as node:
+    def slot_ranges(self, via: int | None = None) -> list[tuple[int, int, int]]:
+        """``(first slot, last slot, master port)`` of every slot range, as the node on port
+        ``via`` (default: the first) sees them."""
+        with self.node(self.ports[0] if via is None else via) as node:
             return [(int(first), int(last), int(master[1]))
                     for first, last, master, *_ in node.execute_command("CLUSTER SLOTS")]
 
@@ -91,8 +92,8 @@ class LocalCluster:
             return int(address.split("@")[0].rpartition(":")[2])
         raise LookupError(f"master {master} has no replica")
 
-    def master_of_slot(self, slot: int) -> int:
-        for first, last, port in self.slot_ranges():
+    def master_of_slot(self, slot: int, via: int | None = None) -> int:
+        for first, last, port in self.slot_ranges(via):
             if first <= slot <= last:
                 return port
         raise LookupError(f"no master serves slot {slot}")
@@ -152,10 +153,12 @@ def _wait(condition: str, check: object, deadline: float) -> None:
 
 
 def start_cluster(server: str, cli: str, masters: int = 3, replicas: int = 0, *,
-                  tls: bool = False) -> LocalCluster:
+                  tls: bool = False, node_timeout_ms: int = 5000) -> LocalCluster:
     """``masters`` masters with ``replicas`` replicas each, up with every slot served and
     every replica's link to its master up.  With ``tls``, the nodes (and their cluster bus)
-    speak TLS only, with certificates from a throw-away CA (``ca_file``)."""
+    speak TLS only, with certificates from a throw-away CA (``ca_file``).
+    ``node_timeout_ms`` is ``--cluster-node-timeout``: how long a node must be unreachable
+    before the others fail it over (shorter in tests that kill a master)."""
     directory = Path(tempfile.mkdtemp(prefix="tokentee-cluster-"))
     cluster = LocalCluster(directory, [])
     listen: list[str] = []
@@ -182,7 +185,8 @@ def start_cluster(server: str, cli: str, masters: int = 3, replicas: int = 0, *,
                 [server, *(["--port", "0", "--tls-port", str(port)] if tls else
                            ["--port", str(port)]),
                  *listen, "--bind", "127.0.0.1", "--cluster-enabled", "yes",
-                 "--cluster-config-file", "nodes.conf", "--cluster-node-timeout", "5000",
+                 "--cluster-config-file", "nodes.conf",
+                 "--cluster-node-timeout", str(node_timeout_ms),
                  "--save", "", "--appendonly", "no", "--dir", str(node_dir)],
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             ))

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import random
 import secrets
+import signal
 import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
@@ -56,9 +58,11 @@ def cluster_settings(redis_cluster: LocalCluster) -> Settings:
     return make_settings(redis_cluster.url, max_sse_per_client=0)
 
 
-def master_of(cluster: LocalCluster, settings: Settings, gid: str) -> int:
-    """The port of the master that owns ``gid``'s keys."""
-    return cluster.master_of_slot(key_slot(f"{settings.key_prefix}:{{{gid}}}:log".encode()))
+def master_of(cluster: LocalCluster, settings: Settings, gid: str, via: int | None = None
+              ) -> int:
+    """The port of the master that owns ``gid``'s keys (as the node on ``via`` sees it)."""
+    return cluster.master_of_slot(
+        key_slot(f"{settings.key_prefix}:{{{gid}}}:log".encode()), via)
 
 
 async def spread(http: httpx.AsyncClient, cluster: LocalCluster, settings: Settings,
@@ -431,6 +435,119 @@ async def test_a_failover_mid_stream_loses_nothing(replicated_cluster: LocalClus
             test_hub.check_complete(events, len(tokenize(text)))
             assert "".join(e.data["text"] for e in events[:-1]) == text
         assert (await broker.state(info.id)).text == text
+
+
+@pytest.fixture
+def killable_cluster() -> Iterator[LocalCluster]:
+    """A cluster of its own for a test that kills a master (the dead node stays in the
+    others' view), with a 1 s node timeout so that its replica takes over in about 2 s."""
+    binaries = cluster_binaries()
+    if binaries is None:
+        pytest.skip("no redis-server 7+ with redis-cli found to start a local Redis Cluster")
+    cluster = start_cluster(*binaries, masters=3, replicas=1, node_timeout_ms=1000)
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+async def test_a_master_killed_mid_stream_after_unreplicated_writes(
+    killable_cluster: LocalCluster, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """``kill -9`` of the master of a live generation's slot after it acknowledged entries
+    that readers got but its replica never received (the replica is paused and its
+    replication link cut, so the loss is certain, not a race).  The replica takes over with
+    a log that lacks them; the producer's next append finds the log behind and writes them
+    again, identical.  Every reader (hub cursors, an SSE client, a durable consumer) ends
+    with ``done`` soon after the promotion, with every entry once, in order, the same
+    content everywhere; new generations work on the new master; ``/readyz`` recovers.
+
+    The master killed is the node the broker's URL names, which redis-py asks first when it
+    reloads its slot map: the harder case for the clients, and the same in every run."""
+    cluster = killable_cluster
+    settings = make_settings(cluster.url)
+    text = " ".join(f"w{i}" for i in range(100))
+    tokens = len(tokenize(text))
+    master = cluster.ports[0]
+    assert master in {port for *_, port in cluster.slot_ranges()}, "the first node is a replica"
+    replica = cluster.replica_of(master)
+    live = next(p for p in cluster.ports if p not in (master, replica))  # to ask afterwards
+    async with Broker.open(settings, consumers=[Analytics()]) as broker, \
+            running_server(settings, broker) as url, \
+            httpx.AsyncClient(base_url=url, timeout=httpx.Timeout(30.0)) as http:
+        for _ in range(30):  # ids are random: about three tries
+            info = await broker.start(GenerationRequest(
+                [{"role": "user", "content": "x"}],
+                params={"text": text, "tokens_per_second": 40}))
+            if master_of(cluster, settings, info.id) == master:
+                break
+            await broker.cancel(info.id)
+        else:
+            raise AssertionError("no generation id hashed to the first node")
+        gid, meta = info.id, broker.log.keys(info.id).meta
+        slot = key_slot(broker.log.keys(gid).log.encode())
+        master_process = cluster.processes[cluster.ports.index(master)]
+        replica_process = cluster.processes[cluster.ports.index(replica)]
+        readers = [asyncio.create_task(test_hub.collect(broker, gid)) for _ in range(3)]
+        sse = asyncio.create_task(read_sse(http, gid))
+        async with broker.subscribe(gid) as cursor:
+            async for event in cursor:
+                if event.seq == 10:
+                    break
+        with cluster.node(master) as node:
+            # A new replica gets the stream only after its first ACK: let it catch up first.
+            assert await asyncio.to_thread(node.execute_command, "WAIT", 1, 5000) == 1
+            replica_process.send_signal(signal.SIGSTOP)
+            try:
+                node.execute_command("CLIENT", "KILL", "TYPE", "replica")
+                replicated = int(node.hget(meta, "last_seq") or 0)  # at most this much
+                async with broker.subscribe(gid, after=replicated) as cursor:
+                    async for event in cursor:  # readers get what the replica never will
+                        if event.seq == replicated + 8:
+                            break
+                master_process.kill()
+                await asyncio.to_thread(master_process.wait)
+            finally:
+                replica_process.send_signal(signal.SIGCONT)
+
+        async def promoted() -> bool:
+            try:
+                owner = await asyncio.to_thread(cluster.master_of_slot, slot, live)
+            except LookupError:  # no owner in that node's view mid-failover
+                return False
+            return owner == replica
+        with caplog.at_level(logging.WARNING, logger="broker.producer"):
+            await until(promoted, 20)
+            async with asyncio.timeout(20):  # no reader hangs: block time plus backoffs
+                results = await asyncio.gather(*readers)
+                sse_events = await sse
+        assert f"Redis lost entries {replicated + 1}.." in caplog.text  # the loss happened
+        for events in results:
+            test_hub.check_complete(events, tokens)
+            assert events == results[0]
+        assert "".join(e.data["text"] for e in results[0][:-1]) == text
+        test_api.check_stream(sse_events, tokens)
+        assert [(int(e.id), e.event, json.loads(e.data)) for e in sse_events] == [
+            (e.seq, e.type, e.data) for e in results[0]]
+        assert (await broker.state(gid)).text == text
+        await consumed(broker.consumer_store, gid, "analytics")
+        stats = (await http.get(f"/v1/streams/{gid}/stats")).json()
+        assert (stats["tokens"], stats["complete"]) == (tokens, True)
+
+        async def ready() -> bool:
+            return (await http.get("/readyz")).status_code == 200
+        await until(ready, 10)
+        assert broker.hub.running
+        # New generations on the slot's new master (ids are random: about 3 tries each).
+        for _ in range(30):
+            info = await broker.start(GenerationRequest(
+                [{"role": "user", "content": "x"}],
+                params={"max_tokens": 10, "tokens_per_second": 0}))
+            if master_of(cluster, settings, info.id, via=live) == replica:
+                break
+        else:
+            raise AssertionError("no generation id hashed to the new master")
+        test_hub.check_complete([e async for e in broker.events(info.id)], 10)
 
 
 async def test_a_quiet_producer_keeps_its_lease_on_the_cluster(

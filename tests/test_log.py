@@ -6,7 +6,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from broker.keys import Keyspace
-from broker.log import GenerationFenced, GenerationLog
+from broker.log import GenerationFenced, GenerationLog, LogBehind
 from broker.settings import Settings
 
 
@@ -40,8 +40,29 @@ async def test_retried_append_does_not_duplicate(log: GenerationLog) -> None:
 async def test_sequence_gap_is_refused(log: GenerationLog) -> None:
     await log.create("ggap000001", provider="p", model="m", owner="o", lease_ms=5000,
                      ttl_seconds=60)
-    with pytest.raises(Exception, match="sequence gap"):
-        await log.append("ggap000001", "o", 5000, [tok(2, "x")])
+    await log.append("ggap000001", "o", 5000, [tok(1, "a")])
+    with pytest.raises(LogBehind) as behind:
+        await log.append("ggap000001", "o", 5000, [tok(3, "x"), tok(4, "y")])
+    assert behind.value.last_seq == 1
+    assert [e.seq for e in await log.read("ggap000001", 0, 100)] == [1]
+    assert await log.text("ggap000001") == "a"
+
+
+async def test_a_terminal_entry_never_reuses_a_seq_the_log_lost(log: GenerationLog) -> None:
+    """The producer wrote 1..3 but the log holds 1 (a failover lost 2..3, which readers may
+    have got): its finish is refused, or with ``skip_lost`` numbered after what it wrote."""
+    gid = "glost00001"
+    await log.create(gid, provider="p", model="m", owner="o", lease_ms=5000, ttl_seconds=60)
+    await log.append(gid, "o", 5000, [tok(1, "a")])
+    with pytest.raises(LogBehind) as behind:
+        await log.finish(gid, "done", {}, owner="o", finish_reason="stop", after=3)
+    assert behind.value.last_seq == 1
+    assert await log.read(gid, 0, 100) != []  # nothing written, still running
+    assert (await log.meta(gid)).status == "running"  # type: ignore[union-attr]
+    seq, status = await log.finish(gid, "error", {"code": "log_lost"}, owner="o",
+                                   finish_reason="error", after=3, skip_lost=True)
+    assert (seq, status) == (4, "error")
+    assert [e.seq for e in await log.read(gid, 0, 100)] == [1, 4]
 
 
 async def test_exactly_one_terminal_and_fencing(log: GenerationLog) -> None:

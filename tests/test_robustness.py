@@ -6,11 +6,15 @@ import asyncio
 import logging
 import os
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
+from redis.exceptions import ClusterDownError, TryAgainError
 
+from broker.connections import ClusterUnavailable
 from broker.errors import ShuttingDown
 from broker.events import Event, Finish, ProviderEvent, TextDelta
+from broker.log import AppendResult
 from broker.providers import ProviderRegistry, SimulatedProvider
 from broker.providers.base import GenerationRequest
 from broker.service import Broker
@@ -199,3 +203,37 @@ async def test_a_subscriber_cancelled_while_waking_the_hub_leaves_nothing_behind
     assert broker.hub.cursor_count == 0
     assert broker.hub.idle.is_set()
     await broker.cancel(info.id)
+
+
+async def test_log_writes_are_retried_through_a_cluster_failover(
+    broker: Broker, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``CLUSTERDOWN`` (until a replica is promoted), ``TRYAGAIN`` and no reachable node
+    while redis-py reloads its slot map are passing states of a failover, like a lost
+    connection: the producer retries its writes instead of ending with ``storage_error``."""
+    failures: list[Exception] = [
+        ClusterDownError("The cluster is down"), TryAgainError("TRYAGAIN"),
+        ClusterUnavailable("Redis Cluster cannot be connected"),
+    ]
+    append, finish = broker.log.append, broker.log.finish
+
+    async def flaky_append(*args: Any, **kwargs: Any) -> AppendResult:
+        if failures:
+            raise failures.pop(0)
+        return await append(*args, **kwargs)
+
+    finish_failures = [ClusterDownError("The cluster is down")]
+
+    async def flaky_finish(*args: Any, **kwargs: Any) -> tuple[int, str]:
+        if finish_failures:
+            raise finish_failures.pop()
+        return await finish(*args, **kwargs)
+
+    monkeypatch.setattr(broker.log, "append", flaky_append)
+    monkeypatch.setattr(broker.log, "finish", flaky_finish)
+    info = await broker.start(GenerationRequest(
+        [{"role": "user", "content": "x"}], params={"max_tokens": 5, "tokens_per_second": 0}))
+    events = await _collect(broker, info.id)
+    assert [e.type for e in events] == ["token"] * 5 + ["done"]
+    assert failures == []
+    assert finish_failures == []

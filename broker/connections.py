@@ -27,14 +27,17 @@ separately (``broker/hub.py``).
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from typing import Any, cast
 from urllib.parse import urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import ClusterNode, ClusterPipeline, RedisCluster
+from redis.commands.core import AsyncScript
 from redis.exceptions import (
     ClusterDownError,
     ClusterError,
+    NoScriptError,
     RedisClusterException,
     RedisError,
     TryAgainError,
@@ -207,6 +210,38 @@ def raise_if_cancelled() -> None:
     task = asyncio.current_task()
     if task is not None and task.cancelling():
         raise asyncio.CancelledError
+
+
+async def pipelined_script(
+    client: aioredis.Redis, script: AsyncScript,
+    calls: Sequence[tuple[Sequence[str], Sequence[str | int]]],
+) -> list[Any]:
+    """Run ``script`` once per ``(keys, args)`` of ``calls`` in one pipeline; the replies in
+    order.  The first error reply is raised (after the whole pipeline ran).
+
+    A pipeline does not load missing scripts the way a single call does: after a Redis
+    restart or ``SCRIPT FLUSH``, the script is loaded and the pipeline sent again (the
+    scripts run this way must be safe to repeat).  redis-py's cluster pipeline refuses
+    ``EVALSHA``; there each call is an ``EVAL``, which it routes by key.
+    """
+    cluster = isinstance(client, RedisCluster)
+    source = cast(str, script.script)  # registered from a str
+    for attempt in range(2):
+        async with client.pipeline(transaction=False) as pipe:
+            for keys, args in calls:
+                if cluster:
+                    pipe.eval(source, len(keys), *keys, *args)
+                else:
+                    pipe.evalsha(script.sha, len(keys), *keys, *args)
+            replies: list[Any] = await pipe.execute(raise_on_error=False)
+        if attempt == 0 and any(isinstance(r, NoScriptError) for r in replies):
+            await client.script_load(source)
+            continue
+        break
+    for reply in replies:
+        if isinstance(reply, Exception):
+            raise reply
+    return replies
 
 
 def clock_ms(time_reply: tuple[bytes | int, bytes | int] | list[bytes | int]) -> int:

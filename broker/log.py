@@ -26,9 +26,8 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 import redis.asyncio as aioredis
-from redis.asyncio.cluster import RedisCluster
-from redis.exceptions import NoScriptError
 
+from broker.connections import pipelined_script
 from broker.events import STATUSES, Event, decode_entry, dumps, encode_fields
 from broker.keys import GenerationKeys, Keyspace, entry_id, seq_of
 from broker.settings import Settings
@@ -462,25 +461,11 @@ class GenerationLog:
         """Renew ``owner``'s leases on ``gids`` (one pipeline); ``False`` for each lease that
         ``owner`` no longer holds (expired, or the generation ended): that producer is lost
         and must stop, since its appends are refused from now on."""
-        renewed: list[bool] = []
-        for attempt in range(2):
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for gid in gids:
-                    if isinstance(self.redis, RedisCluster):
-                        # redis-py's cluster pipeline refuses EVALSHA; EVAL it routes by key
-                        pipe.eval(_RENEW, 1, self.keys(gid).lease, owner, lease_ms)
-                    else:
-                        pipe.evalsha(self._renew.sha, 1, self.keys(gid).lease, owner, lease_ms)
-                replies = await pipe.execute(raise_on_error=False)
-            if attempt == 0 and any(isinstance(r, NoScriptError) for r in replies):
-                await self.redis.script_load(_RENEW)  # a restarted or flushed Redis
-                continue
-            for reply in replies:
-                if isinstance(reply, Exception):
-                    raise reply
-                renewed.append(bool(reply))
-            break
-        return renewed
+        replies = await pipelined_script(
+            self.redis, self._renew,
+            [([self.keys(gid).lease], [owner, lease_ms]) for gid in gids],
+        )
+        return [bool(reply) for reply in replies]
 
     async def lease_state(self, gids: list[str]) -> list[tuple[str, int]]:
         """``(status, lease ms left)`` of each of ``gids``, in one pipeline: status ``""``

@@ -176,6 +176,16 @@ async def test_invalid_body_is_422_with_a_clear_message(
     assert needle in json.dumps(response.json())
 
 
+@pytest.mark.parametrize("value", [b"NaN", b"Infinity", b"-Infinity"])
+async def test_a_non_finite_number_is_422_not_500(http: httpx.AsyncClient, value: bytes
+                                                  ) -> None:
+    # Python's JSON reader takes these; the 422 repeats the input, which JSON cannot hold.
+    response = await http.post("/v1/streams", content=b'{"prompt": ' + value + b"}",
+                               headers={"content-type": "application/json"})
+    assert response.status_code == 422
+    assert response.json()["detail"][0]["loc"] == ["body", "prompt"]
+
+
 async def test_invalid_json_is_422(http: httpx.AsyncClient) -> None:
     response = await http.post(
         "/v1/streams", content=b"{not json", headers={"content-type": "application/json"}

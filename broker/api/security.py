@@ -14,6 +14,7 @@ so for routes added later):
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -145,7 +146,10 @@ def install_security(app: FastAPI, settings: Settings) -> Guard:
                 return JSONResponse(
                     {"detail": "a resume point (Last-Event-ID or after) must be an id this"
                      " stream sent"}, status_code=400)
-        return await request_validation_exception_handler(request, exc)
+        # The 422 repeats the rejected input, which JSON cannot hold when it is Infinity or
+        # NaN (Python's JSON reader accepts both): without this, a 500.
+        return await request_validation_exception_handler(
+            request, RequestValidationError(_finite(exc.errors()), body=exc.body))
 
     origins = settings.cors_origin_list
     if origins:
@@ -159,3 +163,14 @@ def install_security(app: FastAPI, settings: Settings) -> Guard:
             max_age=600,
         )
     return guard
+
+
+def _finite(value: Any) -> Any:
+    """``value`` with every non-finite float (in lists, tuples, dicts) as its string."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value

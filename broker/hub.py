@@ -61,6 +61,7 @@ from broker.keys import entry_id
 from broker.log import GenerationLog, GenerationMeta, StreamEntry, XReadReply, decode_entries
 from broker.logs import generation_context
 from broker.metrics import BrokerMetrics
+from broker.presence import ReaderPresence
 from broker.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -72,7 +73,8 @@ _BATCH_FROM_STREAMS = 32
 class _Stream:
     """Hub state for one generation that has at least one cursor in this process."""
 
-    __slots__ = ("activity", "cursors", "gid", "head", "log_key", "slot", "terminal_seq")
+    __slots__ = ("activity", "cursors", "gid", "head", "log_key", "readers", "slot",
+                 "terminal_seq", "unread_after")
 
     def __init__(self, gid: str, log_key: str, head: int, terminal_seq: int | None) -> None:
         self.gid = gid
@@ -81,11 +83,18 @@ class _Stream:
         self.head = head  # highest seq this hub knows to be in the log
         self.terminal_seq = terminal_seq
         self.cursors: set[Cursor] = set()
+        self.readers = 0  # cursors that count as readers (not a durable consumer's)
+        self.unread_after: float | None = None  # the generation's cancel_unread_after
         self.activity = time.monotonic()
 
     @property
     def live(self) -> bool:
         return self.terminal_seq is None
+
+    @property
+    def watched(self) -> bool:
+        """Live, with the ``cancel_unread_after`` policy: this hub reports its readers."""
+        return self.unread_after is not None and self.terminal_seq is None
 
 
 class _ReadGroup:
@@ -261,6 +270,7 @@ class Hub:
         metrics: BrokerMetrics | None = None, *, reap: bool = True,
     ) -> None:
         self.log = log
+        self.presence = ReaderPresence(log.redis, log.keyspace, settings.lease_ms)
         # False in consumer worker processes: they end nobody's generation (that is the
         # API replicas' watchdog's job), they only notice one whose keys vanished.
         self.reap = reap
@@ -332,12 +342,17 @@ class Hub:
         return sum(1 for g in self._groups.values() if g.task is not None)
 
     @contextlib.asynccontextmanager
-    async def subscribe(self, gid: str, after: int = 0) -> AsyncIterator[Cursor]:
+    async def subscribe(self, gid: str, after: int = 0, *, reader: bool = True
+                        ) -> AsyncIterator[Cursor]:
         """A cursor over ``gid`` that yields every entry with ``seq > after``.
 
         Raises :class:`GenerationNotFound` for an unknown id and :class:`InvalidResumePoint`
         for ``after`` below 0 or beyond what the generation has written.  Leaving the
         context releases everything the cursor held.
+
+        ``reader``: the cursor keeps a generation with ``cancel_unread_after`` alive (for
+        that generation, the first reader of this hub is recorded in Redis before the cursor
+        is returned).  Durable consumers pass False: they do not count as readers.
         """
         if after < 0:
             raise InvalidResumePoint("resume id must be >= 0")
@@ -351,9 +366,13 @@ class Hub:
         stream.cursors.add(cursor)  # before any await, so the stream cannot be released
         self._cursors += 1
         self.idle.clear()
+        if reader:
+            stream.readers += 1
         try:
             if needs_wake:
                 await self._wake_reader(stream)
+            if reader and stream.readers == 1 and stream.watched:
+                await self._present([stream])
             if after > stream.head:
                 # The hub's head can trail the log by one read; ask the log before refusing.
                 meta = await self.log.meta(gid)
@@ -370,6 +389,10 @@ class Hub:
             if not self._cursors:
                 self.idle.set()
             self._release(stream)
+            if reader:
+                stream.readers -= 1
+                if not stream.readers and stream.watched:
+                    await self._left(stream)
 
     # --- stream bookkeeping ----------------------------------------------------------------
 
@@ -412,6 +435,7 @@ class Hub:
         stream = _Stream(
             gid, self.log.keys(gid).log, meta.last_seq, meta.last_seq if meta.terminal else None
         )
+        stream.unread_after = meta.cancel_unread_after
         if self._cluster:
             stream.slot = key_slot(stream.log_key.encode())
         return stream
@@ -585,25 +609,61 @@ class Hub:
     # --- the reaper ----------------------------------------------------------------------------
 
     async def _reaper(self) -> None:
-        interval = self.settings.lease_seconds
+        """Every third of a lease: report this hub's readers of generations with the
+        ``cancel_unread_after`` policy; every lease: end the readers of generations whose
+        producer died.  Periodic liveness checks, not data polls."""
+        tick = self.settings.lease_seconds / 3
+        ticks = 0
         while True:
             raise_if_cancelled()
-            await asyncio.sleep(interval)  # a periodic liveness check, not a data poll
-            now = time.monotonic()
-            quiet = [
-                s.gid for s in self._streams.values() if s.live and now - s.activity >= interval
-            ]
-            if not quiet:
-                continue
-            try:
-                alive = await self.log.lease_alive(quiet)
-                for gid, ok in zip(quiet, alive, strict=True):
-                    if ok:
-                        continue
-                    if self.reap:
-                        await self.log.reap_if_orphaned(gid)
-                    # Gone, or ended where our read cannot see it: end the readers.
-                    self._lose(gid, await self.log.meta(gid))
-            except RedisError as exc:  # OOM, READONLY, ...: retried at the next check
-                self.metrics.redis_error("reaper")
-                logger.warning("reaper check failed: %s", exc)
+            await asyncio.sleep(tick)
+            await self._present([s for s in self._streams.values() if s.readers and s.watched])
+            ticks += 1
+            if ticks % 3 == 0:
+                await self._reap_quiet()
+
+    async def _present(self, streams: list[_Stream]) -> None:
+        """This hub has readers of ``streams`` (watched ones): present for a lease from now.
+        A failure is logged: the next tick retries, well within the lease."""
+        if not streams:
+            return
+        try:
+            await self.presence.here(
+                self._id, [(s.gid, cast(float, s.unread_after)) for s in streams]
+            )
+        except (RedisError, RedisClusterException) as exc:
+            self.metrics.redis_error("presence")
+            logger.warning("could not report readers of %d generation(s): %s",
+                           len(streams), exc)
+
+    async def _left(self, stream: _Stream) -> None:
+        """The last reader of ``stream`` in this hub left: the generation is unread from now
+        on, unless another hub has readers.  If the write fails, this hub's presence lapses
+        a lease after its last refresh instead."""
+        try:
+            await self.presence.left(self._id, stream.gid, cast(float, stream.unread_after))
+        except (RedisError, RedisClusterException) as exc:
+            self.metrics.redis_error("presence")
+            logger.warning("generation %s: could not report its last reader leaving: %s",
+                           stream.gid, exc)
+
+    async def _reap_quiet(self) -> None:
+        interval = self.settings.lease_seconds
+        now = time.monotonic()
+        quiet = [
+            s.gid for s in self._streams.values() if s.live and now - s.activity >= interval
+        ]
+        if not quiet:
+            return
+        try:
+            alive = await self.log.lease_alive(quiet)
+            for gid, ok in zip(quiet, alive, strict=True):
+                if ok:
+                    continue
+                if self.reap:
+                    await self.log.reap_if_orphaned(gid)
+                # Gone, or ended where our read cannot see it: end the readers.
+                self._lose(gid, await self.log.meta(gid))
+        except RedisError as exc:  # OOM, READONLY, ...: retried at the next check
+            self.metrics.redis_error("reaper")
+            logger.warning("reaper check failed: %s", exc)

@@ -101,6 +101,13 @@ class Keyspace:
         """Stream of control messages (cancel requests) that every broker process follows."""
         return f"{self.prefix}:control"
 
+    def readers(self, gid: str) -> str:
+        """Sorted set: one member per hub that has readers of a generation with the
+        ``cancel_unread_after`` policy, scored by when its presence lapses (Redis clock, ms):
+        a time to come while the hub has readers and refreshes it, the time its last reader
+        left once it has none.  Only generations with the policy have one."""
+        return f"{self.prefix}:{{{gid}}}:readers"
+
     # --- durable consumers ----------------------------------------------------------------
     # A consumer type's per-generation keys share the generation's hash tag, so a worker's
     # commit (checkpoint + output + waking a held producer) is one single-slot script.

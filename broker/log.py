@@ -180,6 +180,10 @@ class GenerationMeta:
     finish_reason: str | None
     cancel_requested: bool
     extra: dict[str, str]
+    # Why it was cancelled (``requested``, ``unread``, ...): set once a cancel was asked for.
+    cancel_reason: str | None = None
+    # The ``cancel_unread_after`` policy (seconds) it was started with, if any.
+    cancel_unread_after: float | None = None
 
     @property
     def terminal(self) -> bool:
@@ -261,7 +265,7 @@ class GenerationLog:
     async def create(
         self, gid: str, *, provider: str, model: str, owner: str, lease_ms: int,
         ttl_seconds: int, extra: dict[str, str] | None = None, created: float | None = None,
-        channel: str | None = None,
+        channel: str | None = None, cancel_unread_after: float | None = None,
     ) -> float:
         """Create the generation's metadata, take its lease, announce it on the catalog.
 
@@ -277,6 +281,8 @@ class GenerationLog:
         }
         if channel is not None:
             fields["channel"] = channel
+        if cancel_unread_after is not None:
+            fields["unread_after"] = repr(cancel_unread_after)
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.hset(keys.meta, mapping=fields)  # type: ignore[arg-type]
             pipe.expire(keys.meta, ttl_seconds)
@@ -419,7 +425,7 @@ class GenerationLog:
             return None
         d = {k.decode(): v.decode() for k, v in raw.items()}
         known = {"id", "status", "provider", "model", "created", "last_seq", "finished",
-                 "finish_reason", "cancel", "hold", "channel"}
+                 "finish_reason", "cancel", "hold", "channel", "unread_after"}
         status = d.get("status", "running")
         return GenerationMeta(
             id=d.get("id", gid),
@@ -432,6 +438,8 @@ class GenerationLog:
             finish_reason=d.get("finish_reason") or None,
             cancel_requested="cancel" in d,
             extra={k: v for k, v in d.items() if k not in known},
+            cancel_reason=d.get("cancel") or None,
+            cancel_unread_after=float(d["unread_after"]) if d.get("unread_after") else None,
         )
 
     async def snapshot(self, gid: str) -> tuple[str, int, str] | None:

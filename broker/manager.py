@@ -30,6 +30,7 @@ from broker.keys import new_generation_id
 from broker.log import GenerationLog, StreamEntry, XReadReply
 from broker.logs import generation_context
 from broker.metrics import BrokerMetrics
+from broker.presence import UNREAD, ReaderPresence
 from broker.producer import Producer
 from broker.providers import ProviderRegistry
 from broker.providers.base import GenerationRequest
@@ -72,6 +73,9 @@ class GenerationManager:
         self._draining = False
         self._drain_task: asyncio.Task[None] | None = None
         self._starting = 0  # start() calls between the capacity check and registration
+        self.presence = ReaderPresence(log.redis, log.keyspace, settings.lease_ms)
+        # Local generations with cancel_unread_after: (seconds, loop time created).
+        self._unread: dict[str, tuple[float, float]] = {}
 
     async def __aenter__(self) -> GenerationManager:
         # Resolve the control stream's current end before accepting work, so a cancel
@@ -127,6 +131,7 @@ class GenerationManager:
     async def start(
         self, request: GenerationRequest, provider_name: str | None = None, *,
         idempotency_key: str | None = None, channel: str | None = None,
+        cancel_unread_after: float | None = None,
     ) -> GenerationInfo:
         """Validate, create and start a generation; return once it is in the log.
 
@@ -142,6 +147,11 @@ class GenerationManager:
 
         With ``channel``, the generation is also announced on that channel, whose followers
         get the events of every generation started in it.
+
+        With ``cancel_unread_after`` (seconds), this manager cancels the generation
+        (``cancelled``, reason ``unread``) once nobody has read it for that long, counted from
+        its creation: no ``Hub.subscribe`` reader in any process (durable consumers do not
+        count).  See :mod:`broker.presence`.
         """
         if self._draining:
             raise ShuttingDown(
@@ -157,7 +167,7 @@ class GenerationManager:
         if idempotency_key is not None:
             reservation = json.dumps({
                 "id": gid, "provider": name, "model": model, "created": created,
-                "request": _fingerprint(name, request, channel),
+                "request": _fingerprint(name, request, channel, cancel_unread_after),
             })
             earlier = await self._reserve(idempotency_key, reservation, ttl)
             if earlier is not None:
@@ -172,7 +182,7 @@ class GenerationManager:
             await self.log.create(
                 gid, provider=name, model=model, owner=self.owner,
                 lease_ms=self.settings.lease_ms, ttl_seconds=ttl, created=created,
-                channel=channel,
+                channel=channel, cancel_unread_after=cancel_unread_after,
             )
             if self._draining:
                 # drain() began while we created it: it would not see this producer.  End
@@ -197,6 +207,8 @@ class GenerationManager:
                             self.gate, self.metrics)
         task = asyncio.create_task(producer.run(), name=f"tokentee-producer-{gid}")
         self._producers[gid] = (producer, task)
+        if cancel_unread_after is not None:
+            self._unread[gid] = (cancel_unread_after, asyncio.get_running_loop().time())
         self.metrics.active_generations += 1
         task.add_done_callback(lambda _t, gid=gid: self._producer_done(gid))  # type: ignore[misc]
         return GenerationInfo(id=gid, provider=name, model=model, created=created)
@@ -235,6 +247,7 @@ class GenerationManager:
 
     def _producer_done(self, gid: str) -> None:
         entry = self._producers.pop(gid, None)
+        self._unread.pop(gid, None)
         if entry is None:
             return
         self.metrics.active_generations -= 1
@@ -310,6 +323,37 @@ class GenerationManager:
                 # cancel_local leaves it alone.
                 if not ok and self.cancel_local(gid, stop_code="producer_lost"):
                     logger.warning("generation %s: lease lost; producer stops", gid)
+            await self._cancel_unread()
+
+    async def _cancel_unread(self) -> None:
+        """Cancel the local generations with ``cancel_unread_after`` that nobody has read for
+        that long.  Runs with the lease renewal, every third of a lease: a generation is
+        cancelled within about ``lease_seconds / 3`` after its period ran out."""
+        gids = [gid for gid in self._unread if not self._producers[gid][0].finishing]
+        if not gids:
+            return
+        try:
+            unread_ms = await self.presence.unread_ms(gids)
+        except RedisError as exc:  # checked again at the next interval
+            self.metrics.redis_error("unread_check")
+            logger.warning("unread check failed: %s", exc)
+            return
+        now = asyncio.get_running_loop().time()
+        for gid, ms in zip(gids, unread_ms, strict=True):
+            policy = self._unread.get(gid)
+            if policy is None:  # ended while we asked
+                continue
+            after, created = policy
+            # No readers set: nobody has read it yet, so it is unread since its creation.
+            unread = now - created if ms < 0 else ms / 1000
+            if unread < after:
+                continue
+            del self._unread[gid]
+            if self.cancel_local(gid, UNREAD):
+                self.metrics.unread_cancels += 1
+                with generation_context(gid):
+                    logger.info("generation %s: nobody read it for %.1f s (cancel_unread_after"
+                                " %s); cancelling it", gid, unread, after)
 
     async def aclose(self) -> None:
         """Drain (see :meth:`drain`; the grace period counts from the first call) and await
@@ -349,8 +393,11 @@ def _cancel(producer: Producer, task: asyncio.Task[None], reason: str = "request
     return True
 
 
-def _fingerprint(provider: str, request: GenerationRequest, channel: str | None) -> str:
+def _fingerprint(provider: str, request: GenerationRequest, channel: str | None,
+                 cancel_unread_after: float | None = None) -> str:
     """What makes two requests "the same" for an Idempotency-Key."""
-    body = json.dumps([provider, request.model, request.messages, request.params, channel],
-                      sort_keys=True, default=str)
+    parts: list[object] = [provider, request.model, request.messages, request.params, channel]
+    if cancel_unread_after is not None:  # absent: the same fingerprint as before the option
+        parts.append(cancel_unread_after)
+    body = json.dumps(parts, sort_keys=True, default=str)
     return hashlib.sha256(body.encode()).hexdigest()

@@ -28,6 +28,8 @@ REDIS_OPS = (
     "hub_read",  # the hub's blocking XREAD
     "hub_wake",  # waking the hub's blocked read for a new stream
     "reaper",  # the hub's check for generations whose producer died
+    "presence",  # the hub reporting its readers (cancel_unread_after)
+    "unread_check",  # the manager's check for generations nobody reads
     "control_read",  # the manager's read of the control stream (cancels)
     "lease_renew",  # renewing producers' leases
     "log_write",  # a producer's append or finish (each failed attempt)
@@ -50,6 +52,7 @@ class BrokerMetrics(Collector):
         self.sse_clients = 0  # open SSE responses
         self.tokens_in = 0  # ``token`` entries this process's producers appended to the log
         self.tokens_out = 0  # ``token`` events written to SSE clients
+        self.unread_cancels = 0  # generations this process cancelled as unread
         self.redis_errors: dict[str, int] = dict.fromkeys(REDIS_OPS, 0)
         self.registry = CollectorRegistry(auto_describe=True)
         self.hub_read_seconds = Histogram(
@@ -88,6 +91,9 @@ class BrokerMetrics(Collector):
                                   " producers appended to the log.", value=self.tokens_in)
         yield CounterMetricFamily("tokentee_tokens_out", "Token events this process wrote to"
                                   " SSE clients.", value=self.tokens_out)
+        yield CounterMetricFamily("tokentee_unread_cancels", "Generations this process's"
+                                  " producers cancelled because nobody read them"
+                                  " (cancel_unread_after).", value=self.unread_cancels)
         yield GaugeMetricFamily("tokentee_fanout_ratio", "tokentee_tokens_out_total /"
                                 " tokentee_tokens_in_total (0 before the first token).",
                                 value=self.fanout_ratio)
@@ -121,6 +127,7 @@ class BrokerMetrics(Collector):
             "tokens_in": self.tokens_in,
             "tokens_out": self.tokens_out,
             "fanout_ratio": self.fanout_ratio,
+            "unread_cancels": self.unread_cancels,
             "hub_reads": reads,
             "hub_read_seconds_sum": seconds,
             "redis_errors": dict(self.redis_errors),

@@ -223,6 +223,10 @@ class Producer:
                 logger.exception("generation %s: could not flush %d entries", self.gid,
                                  len(self._pending))
         extra = {"usage": dumps(self._usage)} if self._usage is not None else {}
+        if etype == "cancelled":
+            # Why, in the metadata too (a cancel request wrote it already; a local cancel such
+            # as the unread policy's did not).
+            extra["cancel"] = str(data.get("reason", "requested"))
         try:
             seq, status = await self._write_terminal(etype, data, reason, extra)
         except GenerationFenced as exc:  # from a repair

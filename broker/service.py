@@ -31,6 +31,7 @@ from broker.keys import entry_id, is_channel, is_generation_id, seq_of
 from broker.log import GenerationLog, GenerationMeta, XReadReply
 from broker.manager import GenerationInfo, GenerationManager
 from broker.metrics import BrokerMetrics
+from broker.presence import check_cancel_unread_after
 from broker.providers import ProviderRegistry
 from broker.providers.base import GenerationRequest
 from broker.settings import Settings
@@ -139,15 +140,26 @@ class Broker:
     async def start(
         self, request: GenerationRequest, provider: str | None = None, *,
         idempotency_key: str | None = None, channel: str | None = None,
+        cancel_unread_after: float | None = None,
     ) -> GenerationInfo:
         """Start a generation in this process (see :meth:`GenerationManager.start`), or,
         with an ``idempotency_key`` used before, return that key's generation.  With
         ``channel``, followers of that channel (:meth:`channel`) get its events too.
-        Raises ``ValueError`` for a malformed channel name."""
+
+        With ``cancel_unread_after`` (seconds, > 0, at most a day), the generation is
+        cancelled (``cancelled``, reason ``unread``) once nobody has read it for that long,
+        from its creation on: no cursor of :meth:`subscribe`/:meth:`events` (and so no SSE
+        client) in any process.  Durable consumers do not count as readers.  The check runs
+        every ``lease_seconds / 3``.
+
+        Raises ``ValueError`` for a malformed channel name or ``cancel_unread_after``."""
         if channel is not None and not is_channel(channel):
             raise ValueError("a channel name is 1-128 characters of [A-Za-z0-9_.:-]")
+        if cancel_unread_after is not None:
+            cancel_unread_after = check_cancel_unread_after(cancel_unread_after)
         return await self.manager.start(request, provider, idempotency_key=idempotency_key,
-                                        channel=channel)
+                                        channel=channel,
+                                        cancel_unread_after=cancel_unread_after)
 
     @property
     def draining(self) -> bool:

@@ -473,7 +473,7 @@ class Worker:
         if not cp.done:
             if cp.seq == 0 and 0 not in cp.skip:  # start's failures count against seq 0
                 await self._guarded(gen, 0, cp.skip, self.ctype.start, gen)
-            async with self.hub.subscribe(gid, after=cp.seq) as cursor:
+            async with self.hub.subscribe(gid, after=cp.seq, reader=False) as cursor:
                 done = False
                 while not done:
                     first = await anext(cursor, None)

@@ -151,7 +151,8 @@ def create_app(
         )
         try:
             info = await b.start(gen_request, body.provider, idempotency_key=idempotency_key,
-                                 channel=body.channel)
+                                 channel=body.channel,
+                                 cancel_unread_after=body.cancel_unread_after)
         except UnknownProvider as exc:
             raise _unprocessable("provider", str(exc)) from exc
         except ProviderConfigError as exc:
@@ -211,6 +212,7 @@ def create_app(
             last_event_id=meta.last_seq,
             usage=json.loads(usage) if usage else None,
             error_code=meta.extra.get("error_code"),
+            cancel_reason=meta.cancel_reason if meta.status == "cancelled" else None,
         )
 
     @app.get(

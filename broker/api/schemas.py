@@ -6,6 +6,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from broker.presence import MAX_CANCEL_UNREAD_AFTER
+
 
 class Message(BaseModel):
     model_config = ConfigDict(extra="allow")
@@ -26,6 +28,11 @@ class CreateStream(BaseModel):
     params: dict[str, Any] = Field(default_factory=dict)
     channel: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_.:-]{1,128}$",
                                 description="announce the generation on this channel")
+    cancel_unread_after: float | None = Field(
+        default=None, gt=0, le=MAX_CANCEL_UNREAD_AFTER, strict=True, allow_inf_nan=False,
+        description="cancel the generation (cancelled, reason unread) once nobody has read"
+        " it for this many seconds, counted from its creation; absent: never",
+    )
 
     @model_validator(mode="after")
     def _one_input(self) -> CreateStream:
@@ -71,6 +78,9 @@ class StreamStatus(BaseModel):
     last_event_id: int = Field(description="id of the newest event in the log")
     usage: dict[str, Any] | None = None
     error_code: str | None = None
+    cancel_reason: str | None = Field(
+        default=None, description="why a cancelled generation was cancelled: requested, unread"
+    )
 
 
 class CancelAccepted(BaseModel):

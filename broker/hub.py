@@ -368,10 +368,12 @@ class Hub:
         self.idle.clear()
         if reader:
             stream.readers += 1
+        # Decided before any await: of two readers arriving together, the first reports.
+        first_reader = reader and stream.readers == 1
         try:
             if needs_wake:
                 await self._wake_reader(stream)
-            if reader and stream.readers == 1 and stream.watched:
+            if first_reader and stream.watched:
                 await self._present([stream])
             if after > stream.head:
                 # The hub's head can trail the log by one read; ask the log before refusing.

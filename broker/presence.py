@@ -44,14 +44,14 @@ _MARK = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
-redis.call('PEXPIRE', KEYS[1], ARGV[3])
+redis.call('EXPIRE', KEYS[1], math.ceil(tonumber(ARGV[3]) / 1000))
 return 1
 """
 
 # KEYS[1] the readers set.  Returns ms since the generation was last read: 0 while it is read,
 # -1 if nobody has ever read it (no set).
 _UNREAD_MS = """
-local top = redis.call('ZREVRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+local top = redis.call('ZRANGE', KEYS[1], -1, -1, 'WITHSCORES')
 if #top == 0 then return -1 end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)

@@ -169,6 +169,21 @@ async def test_api_and_workers_run_with_the_readme_acl_users_over_tls(
             assert cancel.status_code == 202
             assert (await sse_text(http, running))[1] == "cancelled"
 
+            # cancel_unread_after: a reader's presence and departure, and the producer's
+            # check, all under the API user.
+            unread = {"prompt": "hi", "cancel_unread_after": 0.5,
+                      "params": {"text": TEXT, "tokens_per_second": 2}}
+            gone = (await http.post("/v1/streams", json=unread)).json()["id"]
+            async with http.stream("GET", f"/v1/streams/{gone}/events") as response:
+                async for line in response.aiter_lines():
+                    if line == "event: token":
+                        break
+
+            async def cancelled_unread() -> bool:
+                status = (await http.get(f"/v1/streams/{gone}")).json()
+                return bool(status["cancel_reason"] == "unread")
+            await until(cancelled_unread)
+
             snapshot = await http.get(f"/v1/streams/{gid}/events?snapshot=true")
             assert "event: snapshot" in snapshot.text
             async with http.stream("GET", "/v1/channels/talk/events") as channel:

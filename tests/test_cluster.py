@@ -7,6 +7,7 @@ of the core tests.  (The ACL users are in ``test_cluster_acl.py``.)"""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import random
@@ -192,6 +193,43 @@ async def test_cancel_through_another_process_reaches_the_producer(
         for info in infos:
             events = [e async for e in other.events(info.id)]
             assert events[-1].type == "cancelled"
+
+
+async def test_unread_generations_on_every_master_are_cancelled_and_read_ones_are_not(
+    redis_cluster: LocalCluster,
+) -> None:
+    """cancel_unread_after on a cluster: one hub's presence reports span every master (the
+    cluster pipeline, one EVAL per slot), and each producer's check reads its own slot."""
+    settings = make_settings(redis_cluster.url, max_sse_per_client=0, lease_seconds=0.9)
+    slow = GenerationRequest([{"role": "user", "content": "x"}],
+                             params={"max_tokens": 1_000, "tokens_per_second": 10})
+    read: dict[int, str] = {}
+    unread: list[str] = []
+    async with Broker.open(settings) as producing, Broker.open(settings) as reading, \
+            contextlib.AsyncExitStack() as readers:
+        cursors = []
+        while len(read) < len(redis_cluster.ports) or len(unread) < len(redis_cluster.ports):
+            gid = (await producing.start(slow, cancel_unread_after=0.6)).id
+            master = master_of(redis_cluster, settings, gid)
+            if master not in read:
+                read[master] = gid
+                cursors.append(await readers.enter_async_context(reading.subscribe(gid)))
+            else:
+                unread.append(gid)
+        async for event in cursors[-1]:  # 2 s at 10 tokens a second: three grace periods
+            if event.seq >= 20:
+                break
+        for gid in unread:
+            async with asyncio.timeout(10):
+                await producing.manager.wait(gid)
+            assert (await producing.state(gid)).meta.cancel_reason == "unread"
+        for gid in read.values():
+            assert (await producing.state(gid)).meta.status == "running"
+        await readers.aclose()
+        for gid in read.values():
+            async with asyncio.timeout(10):
+                await producing.manager.wait(gid)
+            assert (await producing.state(gid)).meta.cancel_reason == "unread"
 
 
 async def test_durable_consumers_process_generations_on_every_master(

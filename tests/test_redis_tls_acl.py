@@ -226,6 +226,20 @@ def test_the_users_cannot_write_what_is_not_theirs_or_administer(
             client.close()
 
 
+def test_the_worker_user_can_list_its_groups_consumers(
+    tls_redis: TlsRedis, admin: redis.Redis,
+) -> None:
+    """What ``Worker._forget_departed`` sends every tenth takeover scan (XINFO CONSUMERS on
+    the catalog's group), which the workers of the test above do not live long enough to
+    reach."""
+    admin.xgroup_create(f"{PREFIX}:catalog", "sentences", id="0", mkstream=True)
+    worker_client = redis.Redis.from_url(tls_redis.url("tokentee-worker", WORKER_PASSWORD))
+    try:
+        assert worker_client.xinfo_consumers(f"{PREFIX}:catalog", "sentences") == []
+    finally:
+        worker_client.close()
+
+
 @pytest.mark.parametrize("command", ["serve", "consume"])
 def test_a_wrong_password_stops_at_startup_without_printing_it(
     tls_redis: TlsRedis, admin: redis.Redis, command: str,

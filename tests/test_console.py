@@ -22,6 +22,7 @@ from httpx_sse import ServerSentEvent, aconnect_sse
 from broker.service import Broker
 from consumers.process import load_consumer_type
 from tests.conftest import delete_prefix, make_settings, running_server
+from tests.test_consumers import until
 
 ARTIFACTS = Path(__file__).parent / "artifacts"
 STATIC = Path(__file__).parent.parent / "broker" / "static"
@@ -374,6 +375,29 @@ async def test_the_sentences_pane_says_when_no_logger_runs_and_catches_up_when_o
             "document.getElementById('sent-status').textContent.startsWith('All ')")
     sentences = await page.locator("#sentence-list li").all_text_contents()
     assert " ".join(sentences) == (await client.get(f"/v1/streams/{gid}")).json()["text"]
+
+
+@needs_chromium
+async def test_a_generation_started_with_cancel_if_unread_ends_once_every_pane_drops(
+    page: Any, client: httpx.AsyncClient
+) -> None:
+    await page.get_by_label("Cancel if unread for (s)").fill("0.5")
+    gid = await start_from_page(page, max_tokens=5000, pace=20)
+    for reader in ("A", "B"):
+        await wait_for_pane(page, reader, "p.lastId >= 2")
+    assert (await client.get(f"/v1/streams/{gid}")).json()["status"] == "running"
+    for reader in ("A", "B"):
+        await page.locator(f".pane[data-reader={reader}] button.drop").click()
+
+    async def unread() -> bool:
+        status = (await client.get(f"/v1/streams/{gid}")).json()
+        return bool(status["status"] == "cancelled" and status["cancel_reason"] == "unread")
+    await until(unread, 30)
+    await page.locator(".pane[data-reader=A] button.drop").click()  # now "Resume"
+    await wait_for_pane(page, "A", "p.finished")
+    state = await pane_state(page, "A")
+    assert "finished: cancelled (unread)" in state["status"]
+    assert state["text"] == (await client.get(f"/v1/streams/{gid}")).json()["text"]
 
 
 @needs_chromium

@@ -425,6 +425,8 @@
     if (provider === "simulated") params.tokens_per_second = Number($("pace").value);
     const body = { prompt: $("prompt").value, provider, params };
     if ($("model").value.trim()) body.model = $("model").value.trim();
+    const unreadAfter = $("unread-after").value.trim();
+    if (unreadAfter) body.cancel_unread_after = Number(unreadAfter);
     $("start-button").disabled = true;
     try {
       const created = await api("v1/streams", { method: "POST", body: JSON.stringify(body) });

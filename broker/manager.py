@@ -384,8 +384,10 @@ class GenerationManager:
 def _cancel(producer: Producer, task: asyncio.Task[None], reason: str = "requested", *,
             stop_code: str | None = None) -> bool:
     """Cancel a producer's task unless it is already writing its terminal entry (which a
-    cancellation could only interrupt).  Returns whether it was cancelled."""
-    if producer.finishing:
+    cancellation could only interrupt) or has been cancelled already: the first reason
+    stands (a lease lost and an unread check in the same round must not turn the
+    ``producer_lost`` stop into an ``unread`` cancel).  Returns whether it was cancelled."""
+    if producer.finishing or task.cancelling():
         return False
     producer.cancel_reason = reason
     producer.stop_code = stop_code

@@ -103,7 +103,10 @@ class Producer:
         self.cancel_reason = "requested"
         self.stop_code: str | None = None
         self.seq = 0
-        self.written = 0  # the highest seq this producer has appended
+        self.written = 0  # the highest seq this producer has appended (acknowledged)
+        # The highest seq it has sent in an append, acknowledged or not: an append whose
+        # reply was lost (the master crashed) may have reached readers all the same.
+        self.sent = 0
         # What it appended during the last lease period (and when, in loop time), to write
         # again if Redis loses it.  A promoted replica that holds our lease got a renewal
         # less than a lease ago, and with it everything appended before that renewal.
@@ -260,7 +263,7 @@ class Producer:
             for _ in range(_REPAIRS):
                 try:
                     return await self._retrying(functools.partial(
-                        finish, etype, data, finish_reason=reason, after=self.written))
+                        finish, etype, data, finish_reason=reason, after=self.sent))
                 except LogBehind as exc:
                     await self._append(self._lost_after(exc.last_seq))
             raise LogLost(f"Redis kept losing the end of the log ({_REPAIRS} failovers?)")
@@ -268,7 +271,7 @@ class Producer:
             logger.error("generation %s: %s", self.gid, exc)
             etype, data, reason = _error("log_lost", str(exc))
         return await self._retrying(functools.partial(
-            finish, etype, data, finish_reason=reason, after=self.written, skip_lost=True))
+            finish, etype, data, finish_reason=reason, after=self.sent, skip_lost=True))
 
     async def _append(self, batch: list[PendingEntry]) -> AppendResult:
         """Append ``batch`` (the entries after :attr:`written`).  If the log lacks entries
@@ -277,23 +280,28 @@ class Producer:
         later readers get the same entries."""
         entries = batch
         for _ in range(_REPAIRS):
+            if entries:
+                self.sent = max(self.sent, entries[-1][0])
             try:
                 result = await self._retrying(functools.partial(
                     self.log.append, self.gid, self.owner, self.lease_ms, entries))
             except LogBehind as exc:
-                entries = self._lost_after(exc.last_seq) + batch
+                lost = self._lost_after(exc.last_seq)  # may hold some of ``batch`` already
+                entries = lost + [entry for entry in batch if entry[0] > lost[-1][0]]
                 continue
             self._keep(entries)
             return result
         raise LogLost(f"Redis kept losing the end of the log ({_REPAIRS} failovers?)")
 
     def _lost_after(self, last: int) -> list[PendingEntry]:
-        """The entries after ``last`` that this producer appended, to write again; raises
-        :class:`LogLost` if it no longer holds all of them."""
+        """The entries after ``last`` up to :attr:`sent` that this producer appended or tried
+        to (those whose append was never acknowledged are still pending), to write again;
+        raises :class:`LogLost` if it no longer holds all of them."""
         lost = [entry for _, entry in self._recent if entry[0] > last]
-        if (lost[0][0] if lost else self.written + 1) != last + 1:
+        lost += [e for e in self._pending if max(last, self.written) < e[0] <= self.sent]
+        if not lost or lost[0][0] != last + 1:
             raise LogLost(
-                f"Redis lost entries {last + 1}..{self.written} of this generation (a failover"
+                f"Redis lost entries {last + 1}..{self.sent} of this generation (a failover"
                 " to a replica that had not received them)"
             )
         logger.warning("generation %s: Redis lost entries %d..%d (a failover?); writing them"

@@ -7,10 +7,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from typing import Any
 
 import pytest
+from redis.exceptions import ResponseError
 
-from broker.log import GenerationLog
+from broker.events import Event
+from broker.log import AppendResult, GenerationLog
 from broker.providers.base import GenerationRequest
 from broker.providers.simulated import tokenize
 from broker.service import Broker
@@ -104,3 +107,54 @@ async def test_a_log_ended_below_what_the_hub_read_ends_its_readers(redis_url: s
         # A reader that starts now gets the log as Redis holds it.
         assert [(e.seq, e.type) for e in await collect(broker, gid)] == [
             (1, "token"), (2, "token"), (3, "token"), (4, "error")]
+
+
+async def test_entries_readers_got_whose_append_was_never_acknowledged_are_kept(
+    redis_url: str,
+) -> None:
+    """An append reaches the log and its readers, but its reply is lost (the master crashed),
+    the log then loses it in the failover, and the producer cannot flush either and ends
+    with ``storage_error``: its repair writes the unacknowledged entry again too, and the
+    terminal entry follows it, so no seq holds two different entries."""
+    settings = make_settings(redis_url, append_batch=1, watchdog=False)
+    text = " ".join(f"w{i}" for i in range(40))
+    async with Broker.open(settings) as broker:
+        log = broker.log
+        real_append = log.append
+        read_15 = asyncio.Event()
+        failures = 0
+
+        async def append(gid: str, owner: str, lease_ms: int,
+                         entries: list[tuple[int, str, dict[str, Any], float, str]]
+                         ) -> AppendResult:
+            nonlocal failures
+            if entries[-1][0] == 15 and failures < 2:
+                failures += 1
+                if failures == 1:
+                    await real_append(gid, owner, lease_ms, entries)
+                    await read_15.wait()  # a reader got seq 15 from the "old master"
+                    assert await roll_back(log, gid, 4) == (15, 11)
+                # Not a connection error: the producer gives up at once (here, rather than
+                # after append_retry_seconds of a failover that does not end).
+                raise ResponseError("the reply was lost")
+            return await real_append(gid, owner, lease_ms, entries)
+
+        log.append = append  # type: ignore[method-assign]
+        info = await broker.start(GenerationRequest(
+            [{"role": "user", "content": "x"}], params={"text": text, "tokens_per_second": 100}))
+
+        async def early_reader() -> list[Event]:
+            events = []
+            async with broker.subscribe(info.id) as cursor:
+                async for event in cursor:
+                    events.append(event)
+                    if event.seq == 15:
+                        read_15.set()
+            return events
+
+        early = await asyncio.wait_for(early_reader(), 30)
+        late = await collect(broker, info.id)
+    assert failures == 2
+    assert [(e.seq, e.type) for e in early][-2:] == [(15, "token"), (16, "error")]
+    assert early[-1].data["code"] == "storage_error"
+    assert early == late

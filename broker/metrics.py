@@ -62,12 +62,13 @@ class BrokerMetrics(Collector):
             buckets=_HUB_READ_BUCKETS, registry=self.registry,
         )
         # The read's duration above is mostly BLOCK time on a quiet hub; what a reader waits
-        # for is the age of an entry when the hub gets it, from the producer's append.
+        # for is the age of an entry when the hub gets it.
         self.hub_entry_age_seconds = Histogram(
             "tokentee_hub_entry_age_seconds",
-            "Age of each log entry when the hub's XREAD returned it: from the producer's"
-            " append (its wall clock, so skew between hosts adds in) to this process reading"
-            " it.  Entries read by a cursor's catch-up are not counted.",
+            "Age of each log entry when the hub's XREAD returned it: from its ts (the"
+            " producer read it from the upstream; the producer's wall clock, so skew between"
+            " hosts adds in) to this process reading it.  Entries read by a cursor's catch-up"
+            " are not counted.",
             buckets=_HUB_READ_BUCKETS, registry=self.registry,
         )
         self.registry.register(self)

@@ -190,10 +190,17 @@ class Cursor:
         terminal_before = stream.terminal_seq
         events = await self._hub.log.read(stream.gid, self.last, self._hub.settings.catchup_batch)
         if events:
-            first = events[0].seq
-            if first > self.last + 1:
-                self._buffer.append(_gap(self.last + 1, first - 1))
-            self._buffer.extend(events)
+            # A hole before the first entry (trimmed), or between two (a producer that ended
+            # after entries a failover lost, ``skip_lost``): one ``gap`` event for each.
+            if events[-1].seq - self.last == len(events):  # contiguous: the usual case
+                self._buffer.extend(events)
+            else:
+                previous = self.last
+                for event in events:
+                    if event.seq > previous + 1:
+                        self._buffer.append(_gap(previous + 1, event.seq - 1))
+                    self._buffer.append(event)
+                    previous = event.seq
             self._tail = events[-1].seq
             return
         # The log holds nothing after ``last``.  If the hub had seen more before we asked,

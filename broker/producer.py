@@ -222,7 +222,8 @@ class Producer:
                              len(self._pending), exc)
             except Exception:
                 # Whatever broke the pending batch must not also cost the terminal entry:
-                # the finish script numbers it after what the log really holds.
+                # _write_terminal numbers it after every seq sent (the batch may have reached
+                # readers), and later readers get a gap for what the log does not hold.
                 logger.exception("generation %s: could not flush %d entries", self.gid,
                                  len(self._pending))
         extra = {"usage": dumps(self._usage)} if self._usage is not None else {}
@@ -257,7 +258,8 @@ class Producer:
         """The finish write, after everything this producer appended: if the log lost some of
         it, write it again first; if that is impossible, end with ``error``/``log_lost``
         numbered after what was lost (a reader that got those seqs then gets no other entry
-        under them; one that did not gets a ``gap``)."""
+        under them; one that did not gets a ``gap``).  If writing them again fails otherwise,
+        the planned terminal entry is written after every seq sent, with that gap."""
         finish = functools.partial(self.log.finish, self.gid, owner=self.owner, meta=extra)
         try:
             for _ in range(_REPAIRS):
@@ -265,8 +267,19 @@ class Producer:
                     return await self._retrying(functools.partial(
                         finish, etype, data, finish_reason=reason, after=self.sent))
                 except LogBehind as exc:
-                    await self._append(self._lost_after(exc.last_seq))
-            raise LogLost(f"Redis kept losing the end of the log ({_REPAIRS} failovers?)")
+                    repair = self._lost_after(exc.last_seq)
+                try:
+                    await self._append(repair)
+                except (GenerationFenced, LogLost):
+                    raise
+                except Exception:
+                    # Whatever broke the pending flush broke this again: it must not also
+                    # cost the terminal entry, written below after every seq sent.
+                    logger.exception("generation %s: could not write %d entries again",
+                                     self.gid, len(repair))
+                    break
+            else:
+                raise LogLost(f"Redis kept losing the end of the log ({_REPAIRS} failovers?)")
         except LogLost as exc:
             logger.error("generation %s: %s", self.gid, exc)
             etype, data, reason = _error("log_lost", str(exc))

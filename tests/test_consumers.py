@@ -164,9 +164,10 @@ async def test_sentences_and_stats_over_http(fast: Settings, tmp_path: Path) -> 
 
 
 async def test_sentence_is_emitted_before_the_generation_ends(fast: Settings) -> None:
-    text = "First sentence here. Then " + " ".join(["more"] * 40) + "."
+    # About 8 s at 10 tokens a second (cancelled once seen): time enough for the logger.
+    text = "First sentence here. Then " + " ".join(["more"] * 80) + "."
     async with consumer_broker(fast, [Sentences()]) as broker:
-        gid = (await broker.start(request(text, rate=40))).id
+        gid = (await broker.start(request(text, rate=10))).id
 
         async def first_out() -> bool:
             return bool(await broker.consumer_store.records(gid, "sentences"))
@@ -418,7 +419,7 @@ async def test_slow_consumer_holds_the_producer_within_max_lag(fast: Settings) -
 async def test_stalled_consumer_type_stops_holding_producers_back(
     fast: Settings, caplog: pytest.LogCaptureFixture,
 ) -> None:
-    settings = fast.model_copy(update={"max_lag": 10, "stall_timeout_seconds": 1.0,
+    settings = fast.model_copy(update={"max_lag": 10, "stall_timeout_seconds": 3.0,
                                        "claim_idle_seconds": 60.0})
     # A type whose only worker took the generation and then vanished (killed).
     store_broker = Broker.open(settings)

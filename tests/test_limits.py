@@ -330,7 +330,7 @@ async def test_every_event_stream_route_refuses_a_malformed_resume_point(
 
 
 @given(st.text(max_size=40))
-@hsettings(max_examples=500, suppress_health_check=[HealthCheck.too_slow])
+@hsettings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 def test_resume_id_parser_takes_ascii_decimal_ids_only(text: str) -> None:
     try:
         value = parse_resume_id(text)
@@ -351,7 +351,7 @@ def test_resume_id_parser_takes_ascii_decimal_ids_only(text: str) -> None:
     st.text(max_size=120),
     st.lists(st.text(alphabet="0123456789-~.gxAZ_²", max_size=30), max_size=5).map("~".join),
 ))
-@hsettings(max_examples=500, suppress_health_check=[HealthCheck.too_slow])
+@hsettings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 def test_channel_position_parser_refuses_or_round_trips(text: str) -> None:
     try:
         position = ChannelPosition.parse(text)

@@ -181,7 +181,7 @@ async def test_readyz_times_out_on_a_redis_that_does_not_answer() -> None:
         assert server.url is not None
         pauser = aioredis.from_url(server.url)
         try:
-            await pauser.execute_command("CLIENT", "PAUSE", "1500", "ALL")
+            await pauser.execute_command("CLIENT", "PAUSE", "5000", "ALL")
             started = asyncio.get_running_loop().time()
             ready = await http.get("/readyz")
             elapsed = asyncio.get_running_loop().time() - started
@@ -191,7 +191,7 @@ async def test_readyz_times_out_on_a_redis_that_does_not_answer() -> None:
         assert ready.status_code == 503
         assert ready.json()["failed"] == ["redis"]
         assert ready.json()["checks"]["redis"] == "redis did not answer PING within 0.2 s"
-        assert elapsed < 1.0  # the check's own timeout, not the pause, ended the wait
+        assert elapsed < 3.0  # the check's own timeout, not the pause, ended the wait
         assert alive.status_code == 200
         assert b.metrics.snapshot()["redis_errors"]["ready"] == 1
 

@@ -62,7 +62,7 @@ async def test_the_producer_writes_again_what_a_rollback_lost(
     text = " ".join(f"w{i}" for i in range(60))
     async with Broker.open(settings) as broker:
         info = await broker.start(GenerationRequest(
-            [{"role": "user", "content": "x"}], params={"text": text, "tokens_per_second": 60}))
+            [{"role": "user", "content": "x"}], params={"text": text, "tokens_per_second": 20}))
         readers = [asyncio.create_task(collect(broker, info.id)) for _ in range(3)]
         async with broker.subscribe(info.id) as cursor:
             async for event in cursor:

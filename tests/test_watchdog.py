@@ -77,8 +77,9 @@ async def test_an_unread_orphan_is_ended_within_the_lease(fast: Settings) -> Non
         assert broker.hub.stream_count == 0  # nobody read it through a hub
     assert [e.type for e in events] == ["error"]
     assert events[0].data["code"] == "producer_lost"
-    # Ended once the lease ran out, not a check period or two later.
-    assert LEASE <= elapsed < LEASE + 0.5
+    # Ended once the lease ran out (the timer heap), not a lease or more later; the slack
+    # is for a loaded machine.
+    assert LEASE <= elapsed < LEASE + 0.9
 
 
 async def test_generations_orphaned_before_the_watchdog_started_are_found(

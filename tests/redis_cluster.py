@@ -132,7 +132,9 @@ class LocalCluster:
 def _free_node_port(taken: list[int]) -> int:
     """A loopback port that is free now and whose cluster bus port (+10000) is free too."""
     while True:
-        port = random.randrange(20_000, 55_000)
+        # Below the kernel's ephemeral range (32768-60999 by default), bus port included,
+        # so an outgoing connection cannot take the port between this probe and the bind.
+        port = random.randrange(12_000, 22_700)
         if port in taken or port + 10_000 in taken:
             continue
         try:

@@ -178,7 +178,6 @@ class GenerationMeta:
     last_seq: int
     finished: float | None
     finish_reason: str | None
-    cancel_requested: bool
     extra: dict[str, str]
     # Why it was cancelled (``requested``, ``unread``, ...): set once a cancel was asked for.
     cancel_reason: str | None = None
@@ -188,6 +187,10 @@ class GenerationMeta:
     @property
     def terminal(self) -> bool:
         return self.status != "running"
+
+    @property
+    def cancel_requested(self) -> bool:
+        return self.cancel_reason is not None
 
 
 @dataclass(frozen=True, slots=True)
@@ -436,7 +439,6 @@ class GenerationLog:
             last_seq=int(d.get("last_seq", "0")),
             finished=float(d["finished"]) if d.get("finished") else None,
             finish_reason=d.get("finish_reason") or None,
-            cancel_requested="cancel" in d,
             extra={k: v for k, v in d.items() if k not in known},
             cancel_reason=d.get("cancel") or None,
             cancel_unread_after=float(d["unread_after"]) if d.get("unread_after") else None,

@@ -112,7 +112,6 @@ class Producer:
         # less than a lease ago, and with it everything appended before that renewal.
         self._recent: deque[tuple[float, PendingEntry]] = deque()
         self._keep_seconds = settings.lease_seconds + 1.0
-        self.repaired = 0  # entries written again after Redis lost them
         self._pending: list[PendingEntry] = []
         self._wake = asyncio.Event()
         self._drained = asyncio.Event()
@@ -317,9 +316,14 @@ class Producer:
                 f"Redis lost entries {last + 1}..{self.sent} of this generation (a failover"
                 " to a replica that had not received them)"
             )
-        logger.warning("generation %s: Redis lost entries %d..%d (a failover?); writing them"
-                       " again", self.gid, last + 1, self.written)
-        self.repaired += len(lost)
+        if self.written > last:
+            logger.warning("generation %s: Redis lost entries %d..%d (a failover?); writing"
+                           " %d..%d again", self.gid, last + 1, self.written, last + 1,
+                           lost[-1][0])
+        else:  # only appends that were never acknowledged are missing
+            logger.warning("generation %s: entries %d..%d, whose appends were not"
+                           " acknowledged, are not in the log (a failover?); writing them"
+                           " again", self.gid, last + 1, lost[-1][0])
         return lost
 
     def _keep(self, appended: list[PendingEntry]) -> None:

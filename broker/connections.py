@@ -92,8 +92,42 @@ def node_url(url: str) -> str:
 
 class ClusterUnavailable(ClusterError):
     """A cluster failure that redis-py raises outside ``RedisError`` (no node serves a slot
-    during a failover, no node could be reached), re-raised as a ``RedisError`` so that
-    every retry loop and error mapping that handles Redis failures handles it too."""
+    during a failover, no node could be reached, a connection torn down while in use),
+    re-raised as a ``RedisError`` so that every retry loop and error mapping that handles
+    Redis failures handles it too."""
+
+
+# Where a connection that was closed under a command in flight fails with a bare
+# AttributeError or TypeError instead of ConnectionError: redis-py's connection code (its
+# ``_writer`` is None after a concurrent disconnect; the cluster client disconnects every
+# connection of a node when it reloads its slot map in a failover) and asyncio's transport
+# (redis-py issue #4287).  redis-py disconnects that connection before the error leaves it.
+_CONNECTION_INTERNALS = (
+    "/redis/asyncio/connection.py", "/asyncio/streams.py", "/asyncio/selector_events.py",
+    "/asyncio/sslproto.py",
+)
+
+
+def _torn_down(exc: AttributeError | TypeError) -> bool:
+    """Whether ``exc`` was raised inside a connection's or transport's own code (a connection
+    closed while in use), not by a caller's mistake."""
+    tb = exc.__traceback__
+    if tb is None:
+        return False
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb.tb_frame.f_code.co_filename.replace("\\", "/").endswith(_CONNECTION_INTERNALS)
+
+
+def _unavailable(exc: RedisClusterException | AttributeError | TypeError
+                 ) -> ClusterUnavailable | None:
+    """``exc`` as a :class:`ClusterUnavailable`, or None for an error that is not a failure
+    of the cluster or of a connection (to be raised as it is)."""
+    if isinstance(exc, RedisClusterException):
+        return ClusterUnavailable(str(exc))
+    if _torn_down(exc):
+        return ClusterUnavailable(f"connection closed while in use ({exc})")
+    return None
 
 
 # Failures after which the same write may well succeed: a lost or timed-out connection, and
@@ -124,8 +158,10 @@ class _Cluster(RedisCluster):
                 if node is not None:
                     kwargs["target_nodes"] = node
             return await super().execute_command(*args, **kwargs)
-        except RedisClusterException as exc:
-            raise ClusterUnavailable(str(exc)) from exc
+        except (RedisClusterException, AttributeError, TypeError) as exc:
+            if (unavailable := _unavailable(exc)) is None:
+                raise
+            raise unavailable from exc
 
     async def _node_of_streams(self, args: tuple[Any, ...]) -> ClusterNode | None:
         """The node that serves the streams of an ``XREAD``/``XREADGROUP`` (all in one slot).
@@ -155,8 +191,10 @@ class _ClusterPipeline(ClusterPipeline):
                       ) -> list[Any]:
         try:
             return await super().execute(raise_on_error, allow_redirections)
-        except RedisClusterException as exc:
-            raise ClusterUnavailable(str(exc)) from exc
+        except (RedisClusterException, AttributeError, TypeError) as exc:
+            if (unavailable := _unavailable(exc)) is None:
+                raise
+            raise unavailable from exc
 
 
 def _cluster(url: str, settings: Settings, role: str, per_node: int) -> aioredis.Redis:

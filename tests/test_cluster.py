@@ -23,6 +23,7 @@ import pytest
 import redis
 import trustme
 from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.connection import AbstractConnection
 from redis.crc import key_slot
 from redis.exceptions import RedisClusterException
 
@@ -414,6 +415,55 @@ async def test_a_slot_moving_to_another_master_mid_stream_loses_nothing(
         test_hub.check_complete(events, len(tokenize(text)))
         assert "".join(e.data["text"] for e in events[:-1]) == text
     assert (await cluster_broker.state(info.id)).text == text
+
+
+async def test_a_connection_torn_down_under_a_write_is_retried(
+    cluster_settings: Settings, cluster_broker: Broker, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """When redis-py's cluster client reloads its slot map (a failover) it disconnects a
+    node's connections, also one that a command is being sent on; redis-py then fails with a
+    bare ``AttributeError`` from its own connection code (seen in CI after a master kill).
+    The broker takes that for the lost connection it is: the producer writes again, and the
+    generation ends ``done`` with every token, once."""
+    text = " ".join(f"w{i}" for i in range(30))
+    info = await cluster_broker.start(GenerationRequest(
+        [{"role": "user", "content": "x"}], params={"text": text, "tokens_per_second": 30}))
+    log_key = cluster_broker.log.keys(info.id).log.encode()
+    send = AbstractConnection._send_packed_command
+    torn: list[bytes] = []
+
+    async def torn_down(self: AbstractConnection, command: Any) -> None:
+        chunks = list(command)
+        packed = b"".join(chunks)
+        if not torn and b"EVALSHA" in packed.upper() and log_key in packed:
+            torn.append(packed)
+            assert self._writer is not None
+            self._writer.close()  # what a concurrent disconnect does, and leaves
+            self._writer = None
+        await send(self, chunks)
+
+    readers = [asyncio.create_task(test_hub.collect(cluster_broker, info.id)) for _ in range(2)]
+    async with cluster_broker.subscribe(info.id) as cursor:
+        async for event in cursor:
+            if event.seq == 5:
+                break
+    monkeypatch.setattr(AbstractConnection, "_send_packed_command", torn_down)
+    for events in await asyncio.gather(*readers):
+        test_hub.check_complete(events, len(tokenize(text)))
+        assert "".join(e.data["text"] for e in events[:-1]) == text
+    assert len(torn) == 1  # a log write of this generation went out on a torn connection
+    assert (await cluster_broker.state(info.id)).meta.status == "done"
+
+    # A TypeError that is not the connection's own stays what it is (not a Redis failure).
+    async def mistaken(self: AbstractConnection, command: Any) -> None:
+        chunks = list(command)
+        if b"mistaken-key" in b"".join(chunks):
+            raise TypeError("not the connection's")
+        await send(self, chunks)
+
+    monkeypatch.setattr(AbstractConnection, "_send_packed_command", mistaken)
+    with pytest.raises(TypeError, match="not the connection's"):
+        await cluster_broker.redis.get(f"{cluster_settings.key_prefix}:mistaken-key")
 
 
 def test_bench_on_the_cluster(redis_cluster: LocalCluster) -> None:

@@ -101,6 +101,12 @@ class Keyspace:
         """Stream of control messages (cancel requests) that every broker process follows."""
         return f"{self.prefix}:control"
 
+    @property
+    def figures(self) -> str:
+        """Hash: each broker process's live figures for the console, a field per process
+        (``<expiry ms> <JSON>``), written every second (``broker/figures.py``)."""
+        return f"{self.prefix}:figures"
+
     def readers(self, gid: str) -> str:
         """Sorted set: one member per hub that has readers of a generation with the
         ``cancel_unread_after`` policy, scored by when its presence lapses (Redis clock, ms):

@@ -35,6 +35,7 @@ REDIS_OPS = (
     "log_write",  # a producer's append or finish (each failed attempt)
     "sse",  # an SSE response's read of the log
     "ready",  # GET /readyz's PING
+    "figures",  # publishing this process's figures for the console
 )
 
 # The hub's XREAD blocks up to block_ms when no entry arrives, so the buckets reach past the

@@ -26,6 +26,7 @@ from broker.connections import blocking_client, check_reachable, command_client,
 from broker.embedded import embedded_redis
 from broker.errors import GenerationNotFound
 from broker.events import Event
+from broker.figures import ReplicaFigures
 from broker.hub import Cursor, Hub
 from broker.keys import entry_id, is_channel, is_generation_id, seq_of
 from broker.log import GenerationLog, GenerationMeta, XReadReply
@@ -58,7 +59,8 @@ class Broker:
 
     def __init__(
         self, settings: Settings, redis: aioredis.Redis, log: GenerationLog, hub: Hub,
-        manager: GenerationManager, url: str, metrics: BrokerMetrics | None = None,
+        manager: GenerationManager, url: str, metrics: BrokerMetrics | None = None, *,
+        figures: ReplicaFigures,
     ) -> None:
         self.settings = settings
         # This process's figures (GET /metrics; snapshot() for dashboards), shared with the
@@ -71,6 +73,8 @@ class Broker:
         self.url = url
         self.gate: ConsumerGate | None = None
         self.watchdog: LeaseWatchdog | None = None
+        # This process's live figures, published for the console of any replica.
+        self.figures = figures
         self.workers: list[Worker] = []
         self.consumer_store = ConsumerStore(redis, log.keyspace, settings.retention_seconds)
         self._shared_readers: aioredis.Redis | None = None  # on a cluster (reader_client)
@@ -125,10 +129,14 @@ class Broker:
             ))
             if workers and gate.enabled:
                 await gate.refresh()  # our own workers just checked in: count them at once
-            manager = await stack.enter_async_context(
-                GenerationManager(log, registry, settings, control_redis, gate, metrics)
+            manager = GenerationManager(log, registry, settings, control_redis, gate, metrics)
+            # Entered before the manager, so that a draining process still counts in the
+            # deployment's figures; it drops out at once when it has drained.
+            figures = await stack.enter_async_context(
+                ReplicaFigures(redis, log.keyspace, manager.owner, metrics, hub)
             )
-            broker = cls(settings, redis, log, hub, manager, url, metrics)
+            await stack.enter_async_context(manager)
+            broker = cls(settings, redis, log, hub, manager, url, metrics, figures=figures)
             broker._shared_readers = shared_readers
             broker.gate = gate
             broker.watchdog = watchdog

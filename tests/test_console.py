@@ -186,6 +186,9 @@ async def test_figures_count_generations_clients_and_traffic(
     assert during["tokens_in_per_second"] > 0
     assert during["tokens_out_per_second"] > 0
     assert during["fanout_ratio"] > 0
+    [replica] = during["replicas"]  # one process: the deployment's figures are its own
+    assert replica["replica"] == during["replica"] == served[1].manager.owner
+    assert replica["sse_clients"] == 1
     after = (await client.get("/v1/console/figures")).json()
     assert after["sse_clients"] == 0
     assert set(after["consumers"]) == {"sentences", "analytics"}
@@ -312,6 +315,9 @@ async def test_two_readers_a_dropped_one_and_a_late_one_see_the_same_text(
     # Broker figures and the recent generations list.
     await page.wait_for_function(
         "document.getElementById('fg-lag').textContent.includes('sentences')")
+    assert await page.locator("#fg-replicas").text_content() == "1"
+    assert "(answered this poll)" in (await page.locator("#replica-list li").text_content()
+                                      or "")
     await page.wait_for_function(
         f"document.getElementById('recent-body').textContent.includes('{gid}')")
     assert await page.locator("#gen-status").text_content() == "done"

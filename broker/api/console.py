@@ -6,8 +6,8 @@ stats), plus:
 
 - ``GET /v1/streams/{id}/sentences/events``: the sentence logger's sentences as SSE, each as
   it is committed, resumable by ``Last-Event-ID``, ending with an ``end`` event;
-- ``GET /v1/console/figures``: live figures of this broker process (see
-  :mod:`broker.api.figures`);
+- ``GET /v1/console/figures``: live figures of the deployment, added up over its broker
+  processes, and of each (see :mod:`broker.api.figures`);
 - ``GET /v1/console/generations``: the most recent generations of the catalog, with status;
 - ``GET /v1/console/config``: the providers and their default models, the simulated
   provider's default pace, the consumer types.
@@ -29,7 +29,7 @@ from fastapi import Depends, FastAPI, Header, HTTPException, Query, Request, Res
 from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
 
-from broker.api.figures import LiveFigures
+from broker.api.figures import live_figures
 from broker.errors import GenerationNotFound, ProviderConfigError
 from broker.events import Event
 from broker.keys import is_generation_id
@@ -53,7 +53,6 @@ def install_console(app: FastAPI, settings: Settings) -> None:
     # Event streams take the guard's stream dependency: a bearer token or a read token for
     # the generation (what a browser's EventSource can send), and a stream slot.
     events: list[Any] = [Depends(guard.events)] if guard is not None else []
-    figures = LiveFigures()
 
     def get_broker(request: Request) -> Broker:
         return cast(Broker, request.app.state.broker)
@@ -90,11 +89,13 @@ def install_console(app: FastAPI, settings: Settings) -> None:
 
     @app.get("/v1/console/figures", dependencies=read)
     async def console_figures(request: Request) -> dict[str, Any]:
-        """This process's live figures: running generations, open event streams, hub
-        readers, tokens appended and tokens sent to SSE clients per second (over the last
-        few seconds), the fan-out ratio, and per consumer type its liveness, workers, lag
-        (entries), pending and backlog (generations) and dead letters."""
-        return await figures.sample(get_broker(request))
+        """Live figures of the deployment (the sum over every broker process that published
+        its own in the last few seconds), and of each process: running generations, open
+        event streams, hub readers, tokens appended and tokens sent to SSE clients per
+        second (over the last few seconds), the fan-out ratio; and per consumer type its
+        liveness, workers, lag (entries), pending and backlog (generations) and dead
+        letters."""
+        return await live_figures(get_broker(request))
 
     @app.get("/v1/console/generations", dependencies=read)
     async def console_generations(

@@ -471,6 +471,16 @@
     }
     try {
       const f = await api("v1/console/figures");
+      // The figures are the whole deployment's, whichever replica answered; the list says
+      // what each process contributes.
+      $("fg-replicas").textContent = f.replicas.length;
+      $("replica-list").replaceChildren(...f.replicas.map((r) => {
+        const li = document.createElement("li");
+        li.textContent = r.host + " (pid " + r.pid + "): " + r.active_generations + " running, "
+          + r.sse_clients + " SSE clients, " + r.tokens_in_per_second + " in/s, "
+          + r.tokens_out_per_second + " out/s" + (r.replica === f.replica ? " (answered this poll)" : "");
+        return li;
+      }));
       $("fg-active").textContent = f.active_generations;
       $("fg-sse").textContent = f.sse_clients;
       $("fg-in").textContent = f.tokens_in_per_second;

@@ -238,6 +238,15 @@ async def test_sse_through_nginx_to_two_replicas(redis_url: str, tmp_path: Path)
                 if sse.event == "done":
                     break
         assert seen == list(range(1, 42))
+        # The console's figures through the proxy are both replicas', whichever answers.
+        owners = sorted(b.manager.owner for b in brokers)
+        answered = set()
+        for _ in range(6):
+            figures = (await http.get("/v1/console/figures")).json()
+            assert [r["replica"] for r in figures["replicas"]] == owners
+            assert figures["tokens_out_per_second"] >= 0
+            answered.add(figures["replica"])
+        assert answered == set(owners)  # nginx's round robin reached both
 
 
 # --- the Dockerfile ---------------------------------------------------------------------

@@ -318,6 +318,19 @@ class Hub:
             if isinstance(outcome, Exception):
                 logger.error("hub task had failed: %r", outcome)
         self._tasks = []
+        # Its readers leave with it (a SIGTERM's clients reconnect elsewhere, and report
+        # there): the unread period runs from now, not from when this hub's presence would
+        # lapse.  Not again as each cursor then goes (unread_after cleared).
+        leaving = [s for s in self._streams.values() if s.readers and s.watched]
+        if leaving:
+            try:
+                await self.presence.gone(
+                    self._id, [(s.gid, cast(float, s.unread_after)) for s in leaving])
+            except (RedisError, RedisClusterException) as exc:
+                logger.warning("could not report readers of %d generation(s) leaving: %s",
+                               len(leaving), exc)
+            for stream in leaving:
+                stream.unread_after = None
         for stream in list(self._streams.values()):
             for cursor in list(stream.cursors):
                 cursor._close()

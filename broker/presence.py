@@ -97,8 +97,17 @@ class ReaderPresence:
 
     async def left(self, member: str, gid: str, grace: float) -> None:
         """``member``'s last reader of ``gid`` left: unread from now on, as far as it goes."""
-        await self._mark(keys=[self.keyspace.readers(gid)],
-                         args=[member, 0, self._keep_ms(grace)])
+        await self.gone(member, [(gid, grace)])
+
+    async def gone(self, member: str, generations: Iterable[tuple[str, float]]) -> None:
+        """``member`` stops with readers of each ``(generation, cancel_unread_after)``: each
+        is unread from now on, as far as it goes (one pipeline)."""
+        calls: list[tuple[list[str], list[str | int]]] = [
+            ([self.keyspace.readers(gid)], [member, 0, self._keep_ms(grace)])
+            for gid, grace in generations
+        ]
+        if calls:
+            await pipelined_script(self.redis, self._mark, calls)
 
     async def unread_ms(self, gids: list[str]) -> list[int]:
         """For each of ``gids``, ms since it was last read (Redis clock): 0 while someone reads

@@ -136,6 +136,26 @@ async def test_readers_arriving_together_are_reported(quick: Settings) -> None:
         assert await broker.hub.presence.unread_ms([info.id]) == [0]
 
 
+async def test_readers_leave_with_their_broker(long_lease: Settings) -> None:
+    """A broker that stops with readers open (a SIGTERM: its SSE clients are told to go
+    elsewhere) reports them gone at once, not a lease later when its presence would lapse."""
+    async with Broker.open(long_lease) as producing, contextlib.AsyncExitStack() as readers:
+        info = await producing.start(slow(), cancel_unread_after=60)
+        async with Broker.open(long_lease) as serving:
+            cursor = await readers.enter_async_context(serving.subscribe(info.id))
+            async for event in cursor:
+                if event.seq >= 3:
+                    break
+            assert await producing.hub.presence.unread_ms([info.id]) == [0]
+        # Stopped with the cursor still open: unread from then on, where its presence would
+        # have lasted up to a lease (6 s) longer.
+        [(_member, until_ms)] = await producing.redis.zrange(
+            producing.log.keyspace.readers(info.id), 0, -1, withscores=True)
+        seconds, micros = await producing.redis.time()
+        assert until_ms <= seconds * 1000 + micros // 1000
+        await producing.cancel(info.id)
+
+
 async def test_an_sse_reader_on_another_replica_keeps_it_alive(long_lease: Settings) -> None:
     settings, lease = long_lease, long_lease.lease_seconds
     async with Broker.open(settings) as producing, Broker.open(settings) as serving, \

@@ -320,20 +320,20 @@ class Hub:
         self._tasks = []
         # Its readers leave with it (a SIGTERM's clients reconnect elsewhere, and report
         # there): the unread period runs from now, not from when this hub's presence would
-        # lapse.  Not again as each cursor then goes (unread_after cleared).
-        leaving = [s for s in self._streams.values() if s.readers and s.watched]
+        # lapse.  Reported below, after the cursors are closed (no await before that), and
+        # not again as each cursor then goes (unread_after cleared).
+        leaving = [(s.gid, cast(float, s.unread_after))
+                   for s in self._streams.values() if s.readers and s.watched]
+        for stream in list(self._streams.values()):
+            stream.unread_after = None
+            for cursor in list(stream.cursors):
+                cursor._close()
         if leaving:
             try:
-                await self.presence.gone(
-                    self._id, [(s.gid, cast(float, s.unread_after)) for s in leaving])
+                await self.presence.gone(self._id, leaving)
             except (RedisError, RedisClusterException) as exc:
                 logger.warning("could not report readers of %d generation(s) leaving: %s",
                                len(leaving), exc)
-            for stream in leaving:
-                stream.unread_after = None
-        for stream in list(self._streams.values()):
-            for cursor in list(stream.cursors):
-                cursor._close()
         for group in groups:
             if group.woken or group.slot is None:
                 with contextlib.suppress(RedisError, RedisClusterException):
